@@ -1,0 +1,207 @@
+"""The ``csmcir`` command.
+
+``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (``csmcir fit --help``); the
+stage commands (``synth``, ``index``, ``search``, ``rank``) each read files and write files for
+the next stage. User errors print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CsmcirError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+DATASETS = ("custom", "synthetic")
+
+
+def _open_dataset(name: str, root: str):
+    from .data.custom import CustomCIR
+
+    if name not in DATASETS:
+        raise CsmcirError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    return CustomCIR(root)
+
+
+# -- synth --------------------------------------------------------------------------------------
+def cmd_synth(a) -> None:
+    from .data.synthetic import generate
+
+    out = generate(a.out, seed=a.seed, difficulty=a.difficulty, workers=a.workers, progress=not a.quiet)
+    info = json.loads((Path(out) / "benchmark.json").read_text())
+    counts = ", ".join(f"{s}: {v['queries']} queries / {v['gallery']} gallery" for s, v in info["splits"].items())
+    print(f"synthetic benchmark (seed {a.seed}, {a.difficulty}) in {out}: {counts}")
+
+
+# -- index --------------------------------------------------------------------------------------
+def cmd_index(a) -> None:
+    from .inference import Encoder
+    from .io import ensure_writable_dir
+    from .retrieval.embed import embed_pairs, gallery_texts
+    from .retrieval.index import GalleryIndex
+    from .data.custom import write_captions
+
+    out = ensure_writable_dir(a.out)
+    enc = Encoder.from_checkpoint(a.ckpt, a.device)
+    ds = _open_dataset(a.dataset, a.root)
+    ids = ds.gallery(a.split)
+    texts = gallery_texts(enc, ds, ids)
+    emb = embed_pairs(enc, ds, ids, texts, a.batch_size, desc=f"embedding {a.split} gallery", partial=out / ".embeddings.partial.npz")
+    info = {"checkpoint": str(a.ckpt), "dataset": a.dataset, "root": str(a.root), "split": a.split, "target_text": enc.text.get("target_text")}
+    index = GalleryIndex.build(emb, ids, kind=a.index_type, info=info)
+    captions = ds.captions() if enc.text.get("target_text", "caption") != "none" else {}
+    write_captions(out / "captions.jsonl", [captions[i] for i in ids if i in captions])
+    index.save(out)
+    (out / ".embeddings.partial.npz").unlink(missing_ok=True)
+    print(f"indexed {len(ids)} images ({a.index_type}, dim {emb.shape[1]}) into {out}")
+
+
+# -- search -------------------------------------------------------------------------------------
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CsmcirError(f"image {p} not found")
+    try:
+        img = Image.open(p)
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise CsmcirError(f"{p}: cannot decode image: {e}") from None
+
+
+def cmd_search(a) -> None:
+    from .data.custom import read_captions
+    from .inference import Encoder
+    from .retrieval.index import GalleryIndex
+
+    index = GalleryIndex.load(a.index)
+    enc = Encoder.from_checkpoint(a.ckpt, a.device)
+    if index.dim != enc.dim:
+        raise CsmcirError(f"index {a.index} holds {index.dim}-d embeddings but checkpoint {a.ckpt} makes {enc.dim}-d ones")
+    q = enc.encode([_open_image(a.image)], [a.text])
+    scores, ids = index.search(q, a.k)
+    cap_file = Path(a.index) / "captions.jsonl"
+    captions = read_captions(cap_file) if cap_file.is_file() else {}
+    hits = [
+        {"rank": r + 1, "id": i, "score": round(float(s), 4), "caption": captions[i].final if i in captions else ""}
+        for r, (i, s) in enumerate(zip(ids[0], scores[0]))
+    ]
+    if a.json:
+        print(json.dumps(hits, indent=2))
+    else:
+        for h in hits:
+            print(f"{h['rank']:>3}  {h['score']:.4f}  {h['id']}  {h['caption']}")
+
+
+# -- rank ---------------------------------------------------------------------------------------
+def cmd_rank(a) -> None:
+    import torch
+
+    from .inference import Encoder
+    from .io import atomic_write_json
+    from .retrieval.embed import embed_pairs, gallery_texts
+    from .retrieval.metrics import recall_at_k, topk_rankings
+
+    enc = Encoder.from_checkpoint(a.ckpt, a.device)
+    ds = _open_dataset(a.dataset, a.root)
+    ds.validate(a.split)
+    triplets = ds.triplets(a.split)
+    gallery = ds.gallery(a.split)
+    g = embed_pairs(enc, ds, gallery, gallery_texts(enc, ds, gallery), a.batch_size, desc=f"embedding {a.split} gallery")
+    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {a.split} queries")
+    pos = {gid: j for j, gid in enumerate(gallery)}
+    idx, _ = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), a.k, exclude=[pos.get(t.reference) for t in triplets])
+    rankings = {t.id: [gallery[j] for j in row] for t, row in zip(triplets, idx.tolist())}
+    atomic_write_json(a.out, rankings, indent=None)
+    if all(t.targets for t in triplets):
+        ks = tuple(k for k in (1, 5, 10, 50) if k <= a.k)
+        m = recall_at_k(list(rankings.values()), [set(t.targets) for t in triplets], ks=ks)
+        print("  ".join(f"{k} {v:.2f}" for k, v in m.items()))
+    print(f"wrote rankings of {len(rankings)} queries (top {a.k}, reference excluded) to {a.out}")
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="csmcir",
+        description="Composed image retrieval with a symmetric shared Q-Former dual tower.",
+        epilog=(
+            "Training goes through LightningCLI: `csmcir fit [--config configs/synthetic.yaml]`, "
+            "`csmcir validate|test --ckpt_path C`; see `csmcir fit --help`. With no config, fit runs "
+            "the synthetic default (generated on first use under data/synthetic)."
+        ),
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name} (see `csmcir {name} --help`)", add_help=False)
+
+    s = sub.add_parser("synth", help="write the seeded synthetic CIR benchmark in the custom format")
+    s.add_argument("--out", required=True, help="output folder (created; must be empty or hold the same benchmark)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--difficulty", default="standard", choices=["easy", "standard", "hard"], help="default: standard")
+    s.add_argument("--workers", type=int, default=2, help="rendering processes (default 2); output is identical for any value")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_synth)
+
+    def common(sp, dataset=True):
+        sp.add_argument("--ckpt", required=True, help="checkpoint written by `csmcir fit` (e.g. checkpoints/synthetic/last.ckpt)")
+        if dataset:
+            sp.add_argument("--dataset", default="custom", help="dataset format: custom (the synthetic benchmark is custom)")
+            sp.add_argument("--root", required=True, help="dataset folder")
+            sp.add_argument("--split", default="test", help="split name (default test)")
+        sp.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
+        sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+
+    s = sub.add_parser("index", help="embed a gallery (image + caption) into a faiss index with ids beside it")
+    common(s)
+    s.add_argument("--out", required=True, help="index folder to write (index.faiss, ids.txt, index_info.json, captions.jsonl)")
+    s.add_argument("--index-type", default="flat", help="flat = exact inner product (default)")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="top-k gallery images for one reference image + modification text")
+    common(s, dataset=False)
+    s.add_argument("--index", required=True, help="folder written by `csmcir index`")
+    s.add_argument("--image", required=True, help="reference image file")
+    s.add_argument("--text", required=True, help='modification text, e.g. "make the red circle blue"')
+    s.add_argument("-k", type=int, default=10, help="hits to return (default 10)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("rank", help="rank a split's gallery for every query; writes {query id: [gallery ids]}")
+    common(s)
+    s.add_argument("--out", required=True, help="rankings JSON file to write")
+    s.add_argument("--k", type=int, default=50, help="ranked ids kept per query (default 50)")
+    s.set_defaults(func=cmd_rank)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            from .lightning.cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0 if not argv else 2
+        args.func(args)
+        return 0
+    except CsmcirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""LightningDataModule for datasets in the custom format (the synthetic benchmark included)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ..errors import CsmcirError
+from .custom import CustomCIR
+from .datasets import EvalQueries, GalleryImages, TrainTriplets, collate
+from .store import SplitStore
+
+
+class CIRDataModule(L.LightningDataModule):
+    """Custom-format CIR data: ``root/images``, ``gallery.<split>.txt``, ``triplets.<split>.jsonl``,
+    ``captions.jsonl`` (see the README).
+
+    Args:
+        root: dataset folder.
+        synthetic: if ``root`` is missing or empty, generate the synthetic benchmark there first
+            (with ``synth_seed`` and ``synth_difficulty``). Set ``false`` for your own data.
+        synth_seed: seed of the generated benchmark.
+        synth_difficulty: ``easy`` (smoke tests), ``standard`` (the default), ``hard``.
+        train_split, val_split: split names; ``test_splits``: every split ``csmcir test`` scores
+            (the synthetic benchmark's ``heldout`` split holds unseen modification x value pairs).
+        target_text: ``caption`` (symmetric: target = image + its MCoT caption) or ``none``
+            (asymmetric, SPRC-style: target = image + empty text).
+        caption_levels: caption levels joined into the target text (``final`` = the final caption).
+        max_text_len: tokens kept per text (including [CLS] and [SEP]).
+        tokenizer: ``minilm`` (bert-base-uncased vocabulary, shipped offline) or a local folder.
+        image_size: resize images to this side when loading (``null`` = keep; all must match).
+        missing_caption: ``error`` (name the first image without caption) or ``empty``.
+        batch_size: training batch per process; ``eval_batch_size`` for evaluation.
+        num_workers: DataLoader workers (0 is right for in-memory data).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        synthetic: bool = True,
+        synth_seed: int = 0,
+        synth_difficulty: str = "standard",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_splits: list[str] = ["test", "heldout"],
+        target_text: str = "caption",
+        caption_levels: list[str] = ["final"],
+        max_text_len: int = 64,
+        tokenizer: str = "minilm",
+        image_size: int | None = None,
+        missing_caption: str = "error",
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.stores: dict[str, SplitStore] = {}
+        self._eval_specs: dict[str, list[tuple[str, str]]] = {}
+
+    # -- preparation -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        root = Path(self.hparams.root)
+        empty = not root.exists() or not any(root.iterdir())
+        if self.hparams.synthetic:
+            from .synthetic import ensure_benchmark
+
+            ensure_benchmark(root, seed=self.hparams.synth_seed, difficulty=self.hparams.synth_difficulty, workers=os.cpu_count() or 1)
+        elif empty:
+            raise CsmcirError(f"data.root {root} is missing or empty (set data.synthetic=true to generate the synthetic benchmark)")
+
+    def dataset(self) -> CustomCIR:
+        return CustomCIR(self.hparams.root)
+
+    def _store(self, split: str) -> SplitStore:
+        if split not in self.stores:
+            from ..tokenizer import load_tokenizer
+
+            h = self.hparams
+            self.stores[split] = SplitStore.build(
+                self.dataset(),
+                split,
+                load_tokenizer(h.tokenizer),
+                h.max_text_len,
+                target_text=h.target_text,
+                caption_levels=tuple(h.caption_levels),
+                image_size=h.image_size,
+                missing_caption=h.missing_caption,
+            )
+        return self.stores[split]
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if stage == "fit":
+            self._store(h.train_split)
+            self._store(h.val_split)
+        elif stage == "validate":
+            self._store(h.val_split)
+        elif stage == "test":
+            for s in h.test_splits:
+                self._store(s)
+
+    def text_settings(self) -> dict:
+        """What inference needs to encode text the way training did (saved in checkpoints)."""
+        h = self.hparams
+        return {
+            "tokenizer": h.tokenizer,
+            "max_text_len": h.max_text_len,
+            "target_text": h.target_text,
+            "caption_levels": list(h.caption_levels),
+            "image_size": h.image_size,
+        }
+
+    # -- loaders -----------------------------------------------------------------------------
+    def train_dataloader(self):
+        return DataLoader(
+            TrainTriplets(self.stores[self.hparams.train_split]),
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,  # equal batches on every rank for gathered negatives
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def _eval_loaders(self, stage: str, splits: list[str]):
+        loaders, specs = [], []
+        for split in splits:
+            store = self.stores[split]
+            for kind, ds in (("gallery", GalleryImages(store)), ("queries", EvalQueries(store))):
+                loaders.append(
+                    DataLoader(ds, batch_size=self.hparams.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=self.hparams.num_workers)
+                )
+                specs.append((split, kind))
+        self._eval_specs[stage] = specs
+        return loaders
+
+    def eval_specs(self, stage: str) -> list[tuple[str, str]]:
+        """``(split, kind)`` of each evaluation dataloader of ``stage`` (kind: gallery | queries)."""
+        return self._eval_specs[stage]
+
+    def val_dataloader(self):
+        return self._eval_loaders("validate", [self.hparams.val_split])
+
+    def test_dataloader(self):
+        return self._eval_loaders("test", list(self.hparams.test_splits))

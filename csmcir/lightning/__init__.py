@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule, callbacks and the LightningCLI."""

@@ -1,0 +1,67 @@
+"""Callbacks: training throughput and peak memory, recorded for docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TrainSpeed(L.Callback):
+    """Logs training samples/s (training steps only, validation excluded) and peak memory.
+
+    At the end of ``fit`` rank 0 writes ``<default_root_dir>/train_stats.json`` with the
+    throughput over all steps after the first ``skip_steps`` (warm-up), the wall time of the whole
+    fit, peak RSS, and peak CUDA memory when a GPU was used.
+
+    Args:
+        skip_steps: steps left out of the throughput (start-up, first allocations).
+    """
+
+    def __init__(self, skip_steps: int = 5):
+        self.skip_steps = skip_steps
+
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_t0 = time.perf_counter()
+        self._train_time = 0.0
+        self._samples = 0
+        self._steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._steps += 1
+        if self._steps <= self.skip_steps:
+            return
+        self._train_time += time.perf_counter() - self._t
+        self._samples += int(batch["ref"].shape[0]) * trainer.world_size
+        if self._train_time > 0 and self._steps % 50 == 0:
+            pl_module.log("train/samples_per_s", self._samples / self._train_time, rank_zero_only=True)
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        stats = {
+            "steps": self._steps,
+            "samples_per_s": round(self._samples / self._train_time, 2) if self._train_time else None,
+            "fit_wall_s": round(time.perf_counter() - self._fit_t0, 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+            "world_size": trainer.world_size,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        }
+        out = Path(trainer.default_root_dir) / "train_stats.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(stats, indent=2) + "\n")

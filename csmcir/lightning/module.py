@@ -1,0 +1,179 @@
+"""The one LightningModule: training logic for the symmetric dual tower.
+
+The network (:class:`csmcir.models.CIRDualTower`) and the loss
+(:class:`csmcir.losses.InfoNCELoss`) are plain modules; this class wires them to batches,
+optimisation, distributed gathering and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..config import get_model_config
+from ..losses import InfoNCELoss, same_target_mask
+from ..models import CIRDualTower
+from ..retrieval.metrics import recall_at_k, recall_by_group, topk_rankings
+
+CHECKPOINT_KEY = "csmcir"
+CHECKPOINT_FORMAT = 1
+
+
+class CIRModule(L.LightningModule):
+    """Trains the shared Q-Former dual tower with InfoNCE over in-batch negatives.
+
+    Args:
+        model: a named model config (``tiny``, ``small``, ``base``) or a JSON path.
+        model_overrides: nested overrides of the model config, e.g. ``{qformer: {num_layers: 4}}``.
+        lr: peak learning rate of AdamW; ``weight_decay`` applies to weights, not to norms,
+            biases, embeddings or the temperature.
+        warmup_steps: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the last step.
+        temperature: initial InfoNCE temperature; ``learn_temperature`` makes it learnable.
+        bidirectional: add the target-to-query InfoNCE direction.
+        gather_negatives: under DDP, use every rank's targets as negatives (gradients flow back
+            to the rank that computed them).
+        eval_ks: the K of the logged Recall@K.
+    """
+
+    def __init__(
+        self,
+        model: str = "small",
+        model_overrides: dict[str, Any] | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 200,
+        min_lr_ratio: float = 0.05,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        bidirectional: bool = False,
+        gather_negatives: bool = True,
+        eval_ks: list[int] = [1, 5, 10, 50],
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = get_model_config(model, model_overrides)
+        self.model = CIRDualTower(self.model_config)
+        self.loss = InfoNCELoss(temperature, learn_temperature)
+        self.loss.bidirectional = bidirectional
+        self._eval: dict[str, dict[str, list]] = {}
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        q = self.model.encode(batch["query_ids"], batch["query_mask"], pixels=batch["ref"])
+        t = self.model.encode(batch["caption_ids"], batch["caption_mask"], pixels=batch["target"])
+        target_rows = batch["target_row"]
+        offset = 0
+        if self.hparams.gather_negatives and self.trainer.world_size > 1:
+            t = self.all_gather(t, sync_grads=True).flatten(0, 1)
+            target_rows = self.all_gather(target_rows).flatten(0, 1)
+            offset = self.global_rank * q.shape[0]
+        mask = same_target_mask(target_rows, batch["all_targets"])
+        loss = self.loss(q, t, mask, query_offset=offset)
+        bs = q.shape[0]
+        self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
+        self.log("train/temperature", self.loss.temperature, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or "embeddings" in name or name.endswith("query_tokens") or name.endswith(".pos") or "logit_scale" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.98),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+        floor = self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _eval_step(self, stage: str, batch, dataloader_idx: int):
+        split, kind = self.trainer.datamodule.eval_specs(stage)[dataloader_idx]
+        if kind == "gallery":
+            emb = self.model.encode(batch["caption_ids"], batch["caption_mask"], pixels=batch["image"])
+        else:
+            emb = self.model.encode(batch["query_ids"], batch["query_mask"], pixels=batch["ref"])
+        self._eval.setdefault(split, {"gallery": [], "queries": []})[kind].append((batch["index"], emb.float()))
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self._eval_step("validate", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self._eval_step("test", batch, dataloader_idx)
+
+    def _gather(self, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.cat([p[0] for p in parts])
+        emb = torch.cat([p[1] for p in parts])
+        if self.trainer.world_size > 1:
+            idx = self.all_gather(idx).flatten(0, 1)
+            emb = self.all_gather(emb).flatten(0, 1)
+        # distributed samplers pad with repeats: keep one embedding per index, in index order
+        order = torch.argsort(idx, stable=True)
+        idx, emb = idx[order], emb[order]
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        return idx[keep], emb[keep]
+
+    def _finish_eval(self, stage: str, prefix: str):
+        dm = self.trainer.datamodule
+        for split, parts in self._eval.items():
+            store = dm.stores[split]
+            _, g = self._gather(parts["gallery"])
+            _, q = self._gather(parts["queries"])
+            metrics = evaluate_embeddings(store, q, g, self.hparams.eval_ks)
+            # the stage's main split logs as val/R@1 or test/R@1; others as test/<split>/R@1
+            main = dm.hparams.val_split if stage == "validate" else list(dm.hparams.test_splits)[0]
+            name = prefix if split == main else f"{prefix}/{split}"
+            for k, v in metrics.items():
+                self.log(f"{name}/{k}", v, rank_zero_only=False, sync_dist=False)
+        self._eval = {}
+
+    def on_validation_epoch_end(self):
+        self._finish_eval("validate", "val")
+
+    def on_test_epoch_end(self):
+        self._finish_eval("test", "test")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store what inference needs, in types ``torch.load(weights_only=True)`` accepts."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.model_config.to_dict(),
+            "text": dm.text_settings() if dm is not None and hasattr(dm, "text_settings") else None,
+        }
+
+
+def evaluate_embeddings(store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks) -> dict[str, float]:
+    """Recall@K over the split's gallery (reference excluded) and R@1 per modification type."""
+    pos = {int(r): j for j, r in enumerate(store.gallery_rows.tolist())}
+    exclude = [pos.get(int(r)) for r in store.ref_rows.tolist()]
+    idx, _ = topk_rankings(query_emb, gallery_emb, max(ks), exclude=exclude)
+    ids = store.image_ids
+    grows = store.gallery_rows.tolist()
+    rankings = [[ids[grows[j]] for j in row] for row in idx.tolist()]
+    targets = [set(t.targets) for t in store.triplets]
+    out = recall_at_k(rankings, targets, ks=tuple(ks))
+    if len(set(store.groups)) > 1:
+        for g, v in recall_by_group(rankings, targets, store.groups, k=1).items():
+            out[f"R@1/{g}"] = v
+    return out

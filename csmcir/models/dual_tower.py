@@ -1,0 +1,90 @@
+"""The symmetric dual tower: ONE shared Q-Former encodes both sides of a CIR pair.
+
+Query side:  ``encode(reference image, modification text)``
+Target side: ``encode(target image, its MCoT caption)``
+
+Same function, same weights, same embedding space. The Q-Former path is the query+text path of
+transformers' ``Blip2ForImageTextRetrieval``: learned query tokens are concatenated in front of
+the text embeddings, the query positions cross-attend to the image features, all positions
+self-attend, and the fused [CLS] text token (position ``num_query_tokens``) is projected and
+L2-normalised (the multimodal feature SPRC and BLIP-2 use for composed retrieval).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .vision import build_vision_tower
+
+
+class CIRDualTower(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+
+        self.cfg = cfg
+        qcfg = cfg.qformer_config()
+        self.vision = build_vision_tower(cfg.vision)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, qcfg.hidden_size) * 0.02)
+        self.text_embeddings = Blip2TextEmbeddings(qcfg)
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.proj = nn.Linear(qcfg.hidden_size, cfg.embed_dim)
+        self.num_query_tokens = cfg.qformer.num_query_tokens
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features ``[B, N, width]`` the Q-Former cross-attends to (cacheable when frozen)."""
+        return self.vision(pixels)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """L2-normalised embedding ``[B, embed_dim]`` of (image, text).
+
+        Give either ``pixels`` (``[B, 3, H, W]``, uint8 or float) or precomputed
+        ``image_features`` (``[B, N, width]`` from :meth:`encode_image`). ``input_ids`` and
+        ``attention_mask`` are ``[B, L]`` with [CLS] first (an empty text is ``[CLS] [SEP]``).
+        """
+        if image_features is None:
+            if pixels is None:
+                raise ValueError("encode() needs pixels or image_features")
+            image_features = self.encode_image(pixels)
+        b = input_ids.shape[0]
+        queries = self.query_tokens.expand(b, -1, -1)
+        x = self.text_embeddings(input_ids=input_ids, query_embeds=queries)
+        mask = torch.cat(
+            [torch.ones(b, self.num_query_tokens, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask],
+            dim=1,
+        )
+        out = self.qformer(
+            query_embeds=x,
+            query_length=self.num_query_tokens,
+            attention_mask=mask,
+            encoder_hidden_states=image_features,
+            encoder_attention_mask=torch.ones(image_features.shape[:2], dtype=torch.long, device=image_features.device),
+        ).last_hidden_state
+        if self.cfg.pooling == "cls":
+            pooled = out[:, self.num_query_tokens]
+        elif self.cfg.pooling == "mean_query":
+            pooled = out[:, : self.num_query_tokens].mean(1)
+        else:
+            raise ValueError(f"unknown pooling {self.cfg.pooling!r}")
+        return F.normalize(self.proj(pooled), dim=-1)
+
+    def encode_query(self, ref_pixels, input_ids, attention_mask) -> torch.Tensor:
+        """Query side: reference image + modification text."""
+        return self.encode(input_ids, attention_mask, pixels=ref_pixels)
+
+    def encode_target(self, target_pixels, input_ids, attention_mask) -> torch.Tensor:
+        """Target side: target image + its caption (or an empty text for the image-only ablation)."""
+        return self.encode(input_ids, attention_mask, pixels=target_pixels)

@@ -1,0 +1,129 @@
+"""Vision towers: pixels in, a sequence of image features out (``[B, N, width]``).
+
+Every tower takes uint8 or float pixels ``[B, 3, H, W]`` and does its own normalisation, so data
+can stay uint8 up to the device. The Q-Former cross-attends to the returned sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from ..errors import CsmcirError
+
+
+class VisionTower(nn.Module):
+    """Base class: normalises pixels, resizes to ``image_size``, returns ``[B, N, width]``."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.width = cfg.width
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        x = pixels.float()
+        if pixels.dtype == torch.uint8:
+            x = x / 255.0
+        size = self.cfg.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features(self.preprocess(pixels))
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.GroupNorm(8 if c % 8 == 0 else 1, c),
+            nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.GroupNorm(8 if c % 8 == 0 else 1, c),
+        )
+
+    def forward(self, x):
+        return F.gelu(x + self.body(x))
+
+
+class ConvTower(VisionTower):
+    """A small residual CNN trained from scratch.
+
+    Each stage halves the resolution (stride-2 conv) and adds ``blocks[i]`` residual blocks;
+    the final grid (8x8 for 64-px input and three stages) is flattened into tokens with a
+    learned 2-D position embedding, because scene positions ("left of", "top right") matter.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        layers: list[nn.Module] = []
+        if len(cfg.blocks) != len(cfg.channels):
+            raise CsmcirError(f"vision.blocks {cfg.blocks} needs one count per stage of vision.channels {cfg.channels}")
+        c_in = 3
+        for c, n_blocks in zip(cfg.channels, cfg.blocks):
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(8 if c % 8 == 0 else 1, c),
+                nn.GELU(),
+            ]
+            layers += [_ResBlock(c) for _ in range(n_blocks)]
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c_in, cfg.width, 1)
+        grid = cfg.image_size // 2 ** len(cfg.channels)
+        if grid < 1:
+            raise CsmcirError(f"vision.image_size {cfg.image_size} is too small for {len(cfg.channels)} stages")
+        self.grid = grid
+        self.pos = nn.Parameter(torch.randn(1, grid * grid, cfg.width) * 0.02)
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def features(self, x):
+        f = self.out(self.body(x))  # [B, W, g, g]
+        f = f.flatten(2).transpose(1, 2)  # [B, g*g, W]
+        return self.norm(f + self.pos)
+
+
+class Blip2ViTTower(VisionTower):
+    """transformers' ``Blip2VisionModel`` (BLIP-2's EVA-ViT layout) built from the config sizes.
+
+    Randomly initialised here; pretrained weights are loaded by the weight-source code.
+    Returns the last hidden state (patch tokens and the class token), as BLIP-2 feeds its Q-Former.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        from transformers import Blip2VisionConfig, Blip2VisionModel
+
+        vcfg = Blip2VisionConfig(
+            hidden_size=cfg.width,
+            intermediate_size=int(round(cfg.width * cfg.mlp_ratio)),
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+        )
+        self.model = Blip2VisionModel(vcfg)
+
+    def features(self, x):
+        return self.model(pixel_values=x).last_hidden_state
+
+
+_TOWERS = {"conv": ConvTower, "blip2_vit": Blip2ViTTower}
+
+
+def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+    try:
+        return _TOWERS[cfg.kind](cfg)
+    except KeyError:
+        raise CsmcirError(f"unknown vision tower kind '{cfg.kind}' (known: {', '.join(_TOWERS)})") from None

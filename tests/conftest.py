@@ -1,0 +1,54 @@
+"""Shared fixtures: one small synthetic benchmark and one briefly trained tiny checkpoint per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def easy_bench(tmp_path_factory):
+    from csmcir.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("bench") / "easy"
+    generate(root, seed=0, difficulty="easy", workers=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def bench_copy(easy_bench, tmp_path):
+    """A private copy of the benchmark that a test may damage."""
+    dst = tmp_path / "bench"
+    shutil.copytree(easy_bench, dst)
+    return dst
+
+
+def fit_args(root, out, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--model.model", "tiny",
+        "--data.root", str(root),
+        "--data.synthetic", "false",
+        "--data.batch_size", "16",
+        "--data.eval_batch_size", "128",
+        "--trainer.default_root_dir", str(out),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained(easy_bench, tmp_path_factory):
+    """A tiny model fitted for 6 steps through the CLI; returns its run folder."""
+    from csmcir.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    rc = main(fit_args(easy_bench, out, "--trainer.max_steps", "6", "--checkpoint_last.every_n_train_steps", "3"))
+    assert rc == 0
+    assert (out / "last.ckpt").is_file()
+    return out
