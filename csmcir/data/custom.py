@@ -47,7 +47,9 @@ class Triplet:
     """One query: a reference image and a modification text, with one or more correct targets.
 
     ``meta`` is free-form per-query information (the synthetic generator stores the modification
-    types there); it takes no part in equality or hashing.
+    types there); it takes no part in equality or hashing. ``negatives`` (optional) are hard
+    negatives for training: images that look like a correct answer but are not (CIRR's image-set
+    members, the synthetic benchmark's distractors); they must be in the split's gallery.
     """
 
     id: str
@@ -55,6 +57,7 @@ class Triplet:
     text: str
     targets: tuple[str, ...]
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    negatives: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,13 @@ def _parse_triplet(obj: dict, path: Path, lineno: int) -> Triplet:
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise _field_error(path, lineno, qid, "meta", "a JSON object")
-    return Triplet(qid, reference, text, tuple(targets), meta)
+    negatives = obj.get("negatives", [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n for n in negatives):
+        raise _field_error(path, lineno, qid, "negatives", "a list of strings")
+    clash = set(negatives) & set(targets)
+    if clash:
+        raise CsmcirError(f"{where(path, lineno, qid)}: {sorted(clash)[0]!r} is both a target and a negative")
+    return Triplet(qid, reference, text, tuple(targets), meta, tuple(negatives))
 
 
 def _read_triplets_numbered(path: Path) -> list[tuple[int, Triplet]]:
@@ -234,13 +243,16 @@ def triplet_to_json(t: Triplet) -> dict[str, Any]:
         raise CsmcirError(f"query {t.id!r} has no targets")
     for target in t.targets:
         _check_id(target, f"target of query {t.id!r}")
-    return {
+    out = {
         "id": t.id,
         "reference": t.reference,
         "text": t.text,
         "targets": list(t.targets),
         "meta": t.meta,
     }
+    if t.negatives:
+        out["negatives"] = list(t.negatives)
+    return out
 
 
 def write_triplets(path: str | Path, triplets: Iterable[Triplet]) -> None:
@@ -417,16 +429,16 @@ class CustomCIR:
         gallery = {i for _, i in self._numbered_gallery(split)}
         tpath = self.triplets_file(split)
         for lineno, t in numbered:
-            for image_id in (t.reference, *t.targets):
+            for image_id in (t.reference, *t.targets, *t.negatives):
                 if not self.has_image(image_id):
                     raise CsmcirError(
                         f"image {image_id!r} not found in {self.images_dir} "
                         f"(query {t.id!r}, {tpath}:{lineno})"
                     )
-            for target in t.targets:
-                if target not in gallery:
+            for kind, image_id in [("target", x) for x in t.targets] + [("negative", x) for x in t.negatives]:
+                if image_id not in gallery:
                     raise CsmcirError(
-                        f"{where(tpath, lineno, t.id)}: target {target!r} is not in {gallery_path}"
+                        f"{where(tpath, lineno, t.id)}: {kind} {image_id!r} is not in {gallery_path}"
                     )
         for lineno, image_id in self._numbered_gallery(split):
             if not self.has_image(image_id):

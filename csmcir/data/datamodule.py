@@ -33,6 +33,8 @@ class CIRDataModule(L.LightningDataModule):
         tokenizer: ``minilm`` (bert-base-uncased vocabulary, shipped offline) or a local folder.
         image_size: resize images to this side when loading (``null`` = keep; all must match).
         missing_caption: ``error`` (name the first image without caption) or ``empty``.
+        hard_negatives: listed hard negatives (``negatives`` in the triplets) encoded per training
+            query as extra InfoNCE negatives, beside the in-batch ones; 0 turns them off.
         batch_size: training batch per process; ``eval_batch_size`` for evaluation.
         num_workers: DataLoader workers (0 is right for in-memory data).
     """
@@ -52,7 +54,8 @@ class CIRDataModule(L.LightningDataModule):
         tokenizer: str = "minilm",
         image_size: int | None = None,
         missing_caption: str = "error",
-        batch_size: int = 128,
+        hard_negatives: int = 1,
+        batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
     ):
@@ -117,7 +120,7 @@ class CIRDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self):
         return DataLoader(
-            TrainTriplets(self.stores[self.hparams.train_split]),
+            TrainTriplets(self.stores[self.hparams.train_split], self.hparams.hard_negatives),
             batch_size=self.hparams.batch_size,
             shuffle=True,
             drop_last=True,  # equal batches on every rank for gathered negatives

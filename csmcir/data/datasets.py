@@ -9,10 +9,15 @@ from .store import SplitStore
 
 
 class TrainTriplets(Dataset):
-    """(reference image, modification text) -> one correct target (drawn at random each time)."""
+    """(reference image, modification text) -> one correct target (drawn at random each time).
 
-    def __init__(self, store: SplitStore):
+    With ``hard_negatives`` = n > 0 each item also carries n of the query's listed negatives
+    (drawn without replacement; a query with fewer is topped up with random gallery images).
+    """
+
+    def __init__(self, store: SplitStore, hard_negatives: int = 0):
         self.s = store
+        self.n_neg = hard_negatives
         self.all_targets = store.padded_targets()
 
     def __len__(self):
@@ -23,7 +28,7 @@ class TrainTriplets(Dataset):
         rows = s.target_rows[i]
         t = rows[int(torch.randint(len(rows), ()))] if len(rows) > 1 else rows[0]
         r = int(s.ref_rows[i])
-        return {
+        item = {
             "ref": s.images[r],
             "query_ids": s.query_ids[i],
             "query_len": s.query_lengths[i],
@@ -33,6 +38,16 @@ class TrainTriplets(Dataset):
             "target_row": t,
             "all_targets": self.all_targets[i],
         }
+        if self.n_neg:
+            listed = s.negative_rows[i]
+            pick = [listed[j] for j in torch.randperm(len(listed))[: self.n_neg].tolist()]
+            while len(pick) < self.n_neg:
+                g = int(s.gallery_rows[int(torch.randint(len(s.gallery_rows), ()))])
+                if g not in s.target_rows[i] and g != r:
+                    pick.append(g)
+            rows = torch.tensor(pick)
+            item.update(neg=s.images[rows], neg_caption_ids=s.caption_ids[rows], neg_caption_len=s.caption_lengths[rows], neg_rows=rows)
+        return item
 
 
 class GalleryImages(Dataset):
@@ -66,8 +81,17 @@ class EvalQueries(Dataset):
 def collate(items: list[dict]) -> dict:
     """Stack, then cut token tensors to the longest text in the batch and build attention masks."""
     batch = torch.utils.data.default_collate(items)
+    if "neg_caption_ids" in batch:
+        # targets and hard negatives are encoded in one pass: cut both to one length
+        lengths = batch.pop("neg_caption_len")  # [B, n]
+        n = int(max(lengths.max(), batch["caption_len"].max()))
+        batch["neg_caption_ids"] = batch["neg_caption_ids"][:, :, :n].long()
+        batch["neg_caption_mask"] = (torch.arange(n)[None, None, :] < lengths[:, :, None]).long()
+        lens = batch.pop("caption_len")
+        batch["caption_ids"] = batch["caption_ids"][:, :n].long()
+        batch["caption_mask"] = (torch.arange(n)[None, :] < lens[:, None]).long()
     for prefix in ("query", "caption"):
-        if f"{prefix}_ids" in batch:
+        if f"{prefix}_len" in batch:
             lengths = batch.pop(f"{prefix}_len")
             n = int(lengths.max())
             batch[f"{prefix}_ids"] = batch[f"{prefix}_ids"][:, :n].long()

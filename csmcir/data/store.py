@@ -81,6 +81,7 @@ class SplitStore:
     query_lengths: torch.Tensor  # [Q]
     ref_rows: torch.Tensor  # [Q] long
     target_rows: list[list[int]]
+    negative_rows: list[list[int]]  # hard negatives of each query (may be empty)
     gallery_rows: torch.Tensor  # [G] long
     groups: list[str]  # per query: meta["type"] or "all"
 
@@ -125,6 +126,7 @@ class SplitStore:
         gallery_rows = [add(g) for g in gallery]
         ref_rows = [add(t.reference) for t in triplets]
         target_rows = [[add(x) for x in t.targets] for t in triplets]
+        negative_rows = [[add(x) for x in t.negatives] for t in triplets]
 
         if target_text == "caption":
             captions = dataset.captions()
@@ -161,6 +163,7 @@ class SplitStore:
             query_lengths=query_lengths,
             ref_rows=torch.tensor(ref_rows, dtype=torch.long),
             target_rows=target_rows,
+            negative_rows=negative_rows,
             gallery_rows=torch.tensor(gallery_rows, dtype=torch.long),
             groups=[str(t.meta.get("type", "all")) for t in triplets],
         )

@@ -16,7 +16,7 @@ from .module import CIRModule
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "checkpoints/synthetic",
-    "max_epochs": 6,
+    "max_epochs": 3,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 25,
 }
@@ -29,6 +29,7 @@ class CsmcirCLI(LightningCLI):
             CIRDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
             parser_kwargs={"parser_mode": "omegaconf"},
             args=args,
             run=run,

@@ -42,9 +42,9 @@ class CIRModule(L.LightningModule):
         self,
         model: str = "small",
         model_overrides: dict[str, Any] | None = None,
-        lr: float = 5e-4,
+        lr: float = 1e-3,
         weight_decay: float = 0.05,
-        warmup_steps: int = 200,
+        warmup_steps: int = 50,
         min_lr_ratio: float = 0.05,
         temperature: float = 0.07,
         learn_temperature: bool = True,
@@ -63,16 +63,29 @@ class CIRModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         q = self.model.encode(batch["query_ids"], batch["query_mask"], pixels=batch["ref"])
-        t = self.model.encode(batch["caption_ids"], batch["caption_mask"], pixels=batch["target"])
-        target_rows = batch["target_row"]
+        bs = q.shape[0]
+        # the target side: positives, then any hard negatives, in one forward pass
+        pixels, ids, mask, rows = batch["target"], batch["caption_ids"], batch["caption_mask"], batch["target_row"]
+        if "neg" in batch:
+            pixels = torch.cat([pixels, batch["neg"].flatten(0, 1)])
+            ids = torch.cat([ids, batch["neg_caption_ids"].flatten(0, 1)])
+            mask = torch.cat([mask, batch["neg_caption_mask"].flatten(0, 1)])
+            rows = torch.cat([rows, batch["neg_rows"].flatten()])
+        c = self.model.encode(ids, mask, pixels=pixels)
+        t, neg, neg_rows = c[:bs], c[bs:], rows[bs:]
+        target_rows = rows[:bs]
         offset = 0
         if self.hparams.gather_negatives and self.trainer.world_size > 1:
+            # every rank's candidates are negatives for every query; gradients flow back to their rank
             t = self.all_gather(t, sync_grads=True).flatten(0, 1)
             target_rows = self.all_gather(target_rows).flatten(0, 1)
-            offset = self.global_rank * q.shape[0]
-        mask = same_target_mask(target_rows, batch["all_targets"])
-        loss = self.loss(q, t, mask, query_offset=offset)
-        bs = q.shape[0]
+            if neg.shape[0]:
+                neg = self.all_gather(neg, sync_grads=True).flatten(0, 1)
+                neg_rows = self.all_gather(neg_rows).flatten(0, 1)
+            offset = self.global_rank * bs
+        cand = torch.cat([t, neg])
+        cand_rows = torch.cat([target_rows, neg_rows])
+        loss = self.loss(q, cand, same_target_mask(cand_rows, batch["all_targets"]), query_offset=offset)
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", self.loss.temperature, batch_size=bs)
         return loss

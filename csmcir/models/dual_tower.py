@@ -6,8 +6,8 @@ Target side: ``encode(target image, its MCoT caption)``
 Same function, same weights, same embedding space. The Q-Former path is the query+text path of
 transformers' ``Blip2ForImageTextRetrieval``: learned query tokens are concatenated in front of
 the text embeddings, the query positions cross-attend to the image features, all positions
-self-attend, and the fused [CLS] text token (position ``num_query_tokens``) is projected and
-L2-normalised (the multimodal feature SPRC and BLIP-2 use for composed retrieval).
+self-attend, and the mean of the query-token outputs (or, with ``pooling="cls"``, the fused [CLS]
+text token at position ``num_query_tokens``) is projected and L2-normalised.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ targets and distractors do not sit next to each other in id order and ids leak n
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import multiprocessing
 import os
@@ -138,7 +140,9 @@ def build_split(split: str, seed: int, params: SynthParams) -> SplitData:
     rng = np.random.default_rng([seed, index])
     cfg = render_config(params)
     heldout = split == "heldout"
-    with_distractors = split != "train"
+    # train queries carry n_train_negatives distractors as hard negatives; others n_distractors
+    group_params = dataclasses.replace(params, n_distractors=params.n_train_negatives) if split == "train" else params
+    with_distractors = group_params.n_distractors > 0
 
     scenes: list[Scene] = []
     drawings: list[tuple[RenderObject, ...]] = []
@@ -150,13 +154,12 @@ def build_split(split: str, seed: int, params: SynthParams) -> SplitData:
 
     pending = []  # (query id, text, meta, reference number, target numbers, correct set)
     for q in range(_split_size(params, split)):
-        query, targets, correct, distractors = _sample_group(rng, params, heldout, with_distractors)
+        query, targets, correct, distractors = _sample_group(rng, group_params, heldout, with_distractors)
         clauses = [mod_clause(m, query.scene, rng, params.p_relational) for m in query.mods]
         text = join_clauses([c for c, _ in clauses], rng)
         reference = new_image(query.scene)
         target_numbers = [new_image(t) for t in targets]
-        for d in distractors:
-            new_image(d)
+        distractor_numbers = [new_image(d) for d in distractors]
         k = len(query.mods)
         meta = {
             "type": query.mods[0].type if k == 1 else f"compose{k}",
@@ -166,7 +169,8 @@ def build_split(split: str, seed: int, params: SynthParams) -> SplitData:
             "heldout": bool(query.heldout_pairs()),
             "n_objects": len(query.scene),
         }
-        pending.append((f"{split}-{q:06d}", text, meta, reference, target_numbers, correct))
+        negatives = distractor_numbers if split == "train" else []
+        pending.append((f"{split}-{q:06d}", text, meta, reference, target_numbers, correct, negatives))
 
     # Ids follow a random permutation, so a query's images are scattered over the id range.
     n = len(scenes)
@@ -182,11 +186,11 @@ def build_split(split: str, seed: int, params: SynthParams) -> SplitData:
     for image_id, scene, _ in images:
         by_scene.setdefault(scene, []).append(image_id)
     triplets = []
-    for qid, text, meta, reference, target_numbers, correct in pending:
+    for qid, text, meta, reference, target_numbers, correct, negatives in pending:
         targets = [ids[t] for t in target_numbers]
         listed = set(targets) | {ids[reference]}
         extra = sorted(i for s in correct for i in by_scene.get(s, ()) if i not in listed)
-        triplets.append(Triplet(qid, ids[reference], text, tuple(targets + extra), meta))
+        triplets.append(Triplet(qid, ids[reference], text, tuple(targets + extra), meta, tuple(ids[n] for n in negatives)))
     return SplitData(split, triplets, images)
 
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Run a seeds x variants ablation of the synthetic default through the CLI and aggregate it.
+
+    python tools/ablation.py --seeds 0 1 2 --variants symmetric asymmetric \
+        --out docs/results/ablation_symmetric.json
+
+Each run is `csmcir fit --config configs/synthetic.yaml --seed_everything S <variant args>` into
+checkpoints/ablation/<variant>-s<S>, then `csmcir test` of its last.ckpt. Finished runs are
+reused, so a killed ablation continues where it stopped. Prints mean +- std (sample std over
+seeds) of test and held-out recall and of training throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = {
+    "symmetric": ["--data.target_text", "caption"],  # target = image + final MCoT caption
+    "asymmetric": ["--data.target_text", "none"],  # target = image only (SPRC-style)
+    "no_hard_negatives": ["--data.hard_negatives", "0"],
+}
+METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
+
+
+def _last_metrics(run: Path) -> dict[str, float]:
+    rows = []
+    for f in sorted(run.glob("lightning_logs/version_*/metrics.csv")):
+        rows += list(csv.DictReader(open(f)))
+    out: dict[str, float] = {}
+    for r in rows:
+        out.update({k: float(v) for k, v in r.items() if v and k not in ("epoch", "step")})
+    return out
+
+
+def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str]) -> dict:
+    run = root / f"{variant}-s{seed}"
+    test_dir = run / "test"
+    m = _last_metrics(test_dir)
+    if "test/R@1" not in m:
+        common = ["--config", config, "--seed_everything", str(seed), *VARIANTS[variant], *extra,
+                  "--trainer.enable_progress_bar", "false"]
+        if not (run / "train_stats.json").is_file():
+            resume = ["--ckpt_path", "last"] if (run / "last.ckpt").is_file() else []
+            subprocess.run(["csmcir", "fit", *common, "--trainer.default_root_dir", str(run), *resume], check=True)
+        subprocess.run(["csmcir", "test", *common, "--trainer.default_root_dir", str(test_dir),
+                        "--ckpt_path", str(run / "last.ckpt")], check=True)
+        m = _last_metrics(test_dir)
+    stats = json.loads((run / "train_stats.json").read_text())
+    return {"variant": variant, "seed": seed, **{k: m[k] for k in METRICS if k in m},
+            "samples_per_s": stats["samples_per_s"], "fit_wall_s": stats["fit_wall_s"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["symmetric", "asymmetric"], choices=sorted(VARIANTS))
+    p.add_argument("--config", default="configs/synthetic.yaml")
+    p.add_argument("--runs", default="checkpoints/ablation", help="folder for the runs")
+    p.add_argument("--out", help="JSON file for per-run and aggregated numbers")
+    p.add_argument("extra", nargs="*", help="more `csmcir fit/test` arguments, after --")
+    a = p.parse_args()
+    rows = [run_one(v, s, Path(a.runs), a.config, a.extra) for v in a.variants for s in a.seeds]
+    summary = {}
+    print("| variant | " + " | ".join(METRICS) + " | samples/s |\n|---|" + "---|" * (len(METRICS) + 1))
+    for v in a.variants:
+        vr = [r for r in rows if r["variant"] == v]
+        agg = {}
+        for k in METRICS + ["samples_per_s"]:
+            xs = [r[k] for r in vr if k in r]
+            if xs:
+                agg[k] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        summary[v] = {k: {"mean": m, "std": s, "n": len(vr)} for k, (m, s) in agg.items()}
+        print(f"| {v} | " + " | ".join(f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" if k in agg else "-" for k in METRICS + ["samples_per_s"]) + " |")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"runs": rows, "summary": summary}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
