@@ -88,14 +88,21 @@ class Encoder:
     @torch.no_grad()
     def encode(self, images: list, texts: list[str]) -> np.ndarray:
         """Embed (PIL image, text) pairs; returns float32 ``[N, D]``, L2-normalised."""
-        size = self.text.get("image_size") or self.model.cfg.vision.image_size
+        # exactly as training saw pixels: resized at load time only if data.image_size was set,
+        # otherwise at native size and resized by the vision tower itself
+        size = self.text.get("image_size")
         arrays = []
         for img in images:
-            if img.size != (size, size):
+            if size is not None and img.size != (size, size):
                 from PIL import Image
 
                 img = img.resize((size, size), Image.BICUBIC)
             arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        if len({a.shape for a in arrays}) > 1:  # one batch needs one size: let the tower resize each
+            side = self.model.cfg.vision.image_size
+            from PIL import Image
+
+            arrays = [np.asarray(Image.fromarray(a).resize((side, side), Image.BICUBIC)) for a in arrays]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
         ids, mask = self.tokenize(texts)
         return self.model.encode(ids, mask, pixels=pixels).float().cpu().numpy()

@@ -38,17 +38,19 @@ def fit_args(root, out, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(out),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        "--trainer.log_every_n_steps", "2",
         *extra,
     ]
 
 
 @pytest.fixture(scope="session")
 def trained(easy_bench, tmp_path_factory):
-    """A tiny model fitted for 6 steps through the CLI; returns its run folder."""
+    """A tiny model fitted for one epoch of 6 steps through the CLI; returns its run folder."""
     from csmcir.cli import main
 
     out = tmp_path_factory.mktemp("run")
-    rc = main(fit_args(easy_bench, out, "--trainer.max_steps", "6", "--checkpoint_last.every_n_train_steps", "3"))
+    rc = main(fit_args(easy_bench, out, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+                       "--checkpoint_last.every_n_train_steps", "3"))
     assert rc == 0
     assert (out / "last.ckpt").is_file()
     return out

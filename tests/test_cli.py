@@ -47,9 +47,9 @@ def test_fit_writes_checkpoints_metrics_and_stats(trained):
 def test_resume_from_last_checkpoint(easy_bench, trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    assert main(fit_args(easy_bench, run, "--trainer.max_steps", "9", "--ckpt_path", "last")) == 0
+    assert main(fit_args(easy_bench, run, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6", "--ckpt_path", "last")) == 0
     ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 9
+    assert ckpt["global_step"] == 12 and ckpt["epoch"] == 1
     # the resumed run logged steps after 6 only: it continued, it did not start over
     new_version = sorted(run.glob("lightning_logs/version_*"))[-1]
     steps = [int(r["step"]) for r in csv.DictReader(open(new_version / "metrics.csv"))]
@@ -118,3 +118,12 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("fit", "validate", "test", "synth", "index", "search", "rank"):
         assert cmd in out
+
+
+def test_test_command_scores_test_and_heldout_splits(easy_bench, trained, tmp_path):
+    run = tmp_path / "test"
+    assert main(["test", "--model.model", "tiny", "--data.root", str(easy_bench), "--data.synthetic", "false",
+                 "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+                 "--ckpt_path", str(trained / "last.ckpt")]) == 0
+    logged = {k for row in _metrics(run) for k, v in row.items() if v}
+    assert {"test/R@1", "test/R@50", "test/heldout/R@1", "test/heldout/R@50", "test/R@1/colour"} <= logged

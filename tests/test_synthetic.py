@@ -192,11 +192,17 @@ def test_benchmark_json_and_ids_round_trip(easy):
     assert img.size == (64, 64) and img.mode == "RGB"
 
 
-def test_train_gallery_is_references_and_targets_only(easy):
+def test_train_gallery_is_references_targets_and_hard_negatives(easy):
     d = CustomCIR(easy)
     triplets = d.triplets("train")
-    used = {t.reference for t in triplets} | {x for t in triplets for x in t.targets}
+    used = {t.reference for t in triplets} | {x for t in triplets for x in t.targets + t.negatives}
     assert used == set(d.gallery("train"))
+    scenes = _scenes(easy)
+    for t in triplets:
+        assert len(t.negatives) == 1
+        neg = scenes[t.negatives[0]]
+        # a hard negative is a near miss: not a correct answer, not the reference itself
+        assert all(neg != scenes[x] for x in t.targets) and neg != scenes[t.reference]
 
 
 # ----------------------------------------------------------------------------------- ground truth

@@ -38,6 +38,14 @@ def _last_metrics(run: Path) -> dict[str, float]:
     return out
 
 
+def final_checkpoint(run: Path) -> Path:
+    """The checkpoint of the latest step in ``run`` (last.ckpt, or a best-*.ckpt written later)."""
+    import torch
+
+    ckpts = [run / "last.ckpt", *run.glob("best-*.ckpt")]
+    return max((c for c in ckpts if c.is_file()), key=lambda c: torch.load(c, map_location="cpu", weights_only=True)["global_step"])
+
+
 def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str]) -> dict:
     run = root / f"{variant}-s{seed}"
     test_dir = run / "test"
@@ -49,7 +57,7 @@ def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str]) 
             resume = ["--ckpt_path", "last"] if (run / "last.ckpt").is_file() else []
             subprocess.run(["csmcir", "fit", *common, "--trainer.default_root_dir", str(run), *resume], check=True)
         subprocess.run(["csmcir", "test", *common, "--trainer.default_root_dir", str(test_dir),
-                        "--ckpt_path", str(run / "last.ckpt")], check=True)
+                        "--ckpt_path", str(final_checkpoint(run))], check=True)
         m = _last_metrics(test_dir)
     stats = json.loads((run / "train_stats.json").read_text())
     return {"variant": variant, "seed": seed, **{k: m[k] for k in METRICS if k in m},

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 
 
@@ -65,3 +66,18 @@ class TrainSpeed(L.Callback):
         out = Path(trainer.default_root_dir) / "train_stats.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(stats, indent=2) + "\n")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps AND at the end of every epoch.
+
+    A plain ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` leaves ``last.ckpt`` at
+    the last multiple of N (step 700 of a 750-step fit), and a copy taken on an epoch's final
+    batch resumes into an epoch Lightning considers unfinished. Saving again once the epoch is
+    complete makes ``last.ckpt`` the final model and a clean resume point.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

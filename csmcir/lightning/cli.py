@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import CIRDataModule
-from .callbacks import TrainSpeed
+from .callbacks import LastCheckpoint, TrainSpeed
 from .module import CIRModule
 
 TRAINER_DEFAULTS = {
@@ -48,9 +48,15 @@ class CsmcirCLI(LightningCLI):
             }
         )
         # last.ckpt every N steps, so a killed fit resumes with --ckpt_path last
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint_last")
+        parser.add_lightning_class_args(LastCheckpoint, "checkpoint_last")
         parser.set_defaults(
-            {"checkpoint_last.save_top_k": 0, "checkpoint_last.save_last": True, "checkpoint_last.every_n_train_steps": 100}
+            {
+                "checkpoint_last.save_top_k": 0,
+                "checkpoint_last.save_last": True,
+                "checkpoint_last.every_n_train_steps": 100,
+                # a resumed run overwrites last.ckpt instead of writing last-v1.ckpt beside it
+                "checkpoint_last.enable_version_counter": False,
+            }
         )
         parser.add_lightning_class_args(TrainSpeed, "train_speed")
 

@@ -149,9 +149,9 @@ class CIRModule(L.LightningModule):
         dm = self.trainer.datamodule
         for split, parts in self._eval.items():
             store = dm.stores[split]
-            _, g = self._gather(parts["gallery"])
-            _, q = self._gather(parts["queries"])
-            metrics = evaluate_embeddings(store, q, g, self.hparams.eval_ks)
+            g_idx, g = self._gather(parts["gallery"])
+            q_idx, q = self._gather(parts["queries"])
+            metrics = evaluate_embeddings(store, q, g, self.hparams.eval_ks, q_idx.tolist(), g_idx.tolist())
             # the stage's main split logs as val/R@1 or test/R@1; others as test/<split>/R@1
             main = dm.hparams.val_split if stage == "validate" else list(dm.hparams.test_splits)[0]
             name = prefix if split == main else f"{prefix}/{split}"
@@ -176,17 +176,25 @@ class CIRModule(L.LightningModule):
         }
 
 
-def evaluate_embeddings(store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks) -> dict[str, float]:
-    """Recall@K over the split's gallery (reference excluded) and R@1 per modification type."""
-    pos = {int(r): j for j, r in enumerate(store.gallery_rows.tolist())}
-    exclude = [pos.get(int(r)) for r in store.ref_rows.tolist()]
+def evaluate_embeddings(store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks, query_index=None, gallery_index=None) -> dict[str, float]:
+    """Recall@K over the split's gallery (reference excluded) and R@1 per modification type.
+
+    ``query_index`` / ``gallery_index`` say which queries and gallery entries the embeddings
+    belong to (all, in order, by default); with ``limit_val_batches`` or ``fast_dev_run`` only a
+    part is embedded and the metrics cover that part.
+    """
+    q_index = list(range(store.num_queries)) if query_index is None else query_index
+    g_index = list(range(len(store.gallery_rows))) if gallery_index is None else gallery_index
+    grows = [int(store.gallery_rows[j]) for j in g_index]
+    pos = {r: j for j, r in enumerate(grows)}
+    exclude = [pos.get(int(store.ref_rows[i])) for i in q_index]
     idx, _ = topk_rankings(query_emb, gallery_emb, max(ks), exclude=exclude)
     ids = store.image_ids
-    grows = store.gallery_rows.tolist()
     rankings = [[ids[grows[j]] for j in row] for row in idx.tolist()]
-    targets = [set(t.targets) for t in store.triplets]
-    out = recall_at_k(rankings, targets, ks=tuple(ks))
-    if len(set(store.groups)) > 1:
-        for g, v in recall_by_group(rankings, targets, store.groups, k=1).items():
+    targets = [set(store.triplets[i].targets) for i in q_index]
+    groups = [store.groups[i] for i in q_index]
+    out = recall_at_k(rankings, targets, ks=tuple(ks), num_candidates=idx.shape[1])
+    if len(set(groups)) > 1:
+        for g, v in recall_by_group(rankings, targets, groups, k=1, num_candidates=idx.shape[1]).items():
             out[f"R@1/{g}"] = v
     return out

@@ -58,8 +58,8 @@ def embed_pairs(
             if str(z["key"]) == key and z["emb"].shape == out.shape:
                 done = int(z["done"])
                 out[:done] = z["emb"][:done]
-    bar = tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress, mininterval=1.0)
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar, \
+            ThreadPoolExecutor(max_workers=4) as pool:
         for b, start in enumerate(range(done, n, batch_size)):
             ids = image_ids[start : start + batch_size]
             images = list(pool.map(dataset.load_image, ids))
@@ -67,7 +67,6 @@ def embed_pairs(
             bar.update(len(ids))
             if partial is not None and (b + 1) % save_every == 0:
                 _save_partial(partial, key, out, start + len(ids))
-    bar.close()
     return out
 
 
