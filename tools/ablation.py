@@ -73,7 +73,8 @@ def main() -> int:
     p.add_argument("--out", help="JSON file for per-run and aggregated numbers")
     p.add_argument("extra", nargs="*", help="more `csmcir fit/test` arguments, after --")
     a = p.parse_args()
-    rows = [run_one(v, s, Path(a.runs), a.config, a.extra) for v in a.variants for s in a.seeds]
+    # seeds outer: every finished seed adds a complete comparison of the variants
+    rows = [run_one(v, s, Path(a.runs), a.config, a.extra) for s in a.seeds for v in a.variants]
     summary = {}
     print("| variant | " + " | ".join(METRICS) + " | samples/s |\n|---|" + "---|" * (len(METRICS) + 1))
     for v in a.variants:

@@ -16,9 +16,9 @@ import torch
 from ..config import get_model_config
 from ..losses import InfoNCELoss, same_target_mask
 from ..models import CIRDualTower
-from ..retrieval.metrics import recall_at_k, recall_by_group, topk_rankings
+from ..inference import CHECKPOINT_KEY
+from ..retrieval.evaluate import evaluate_embeddings
 
-CHECKPOINT_KEY = "csmcir"
 CHECKPOINT_FORMAT = 1
 
 
@@ -174,27 +174,3 @@ class CIRModule(L.LightningModule):
             "model_config": self.model_config.to_dict(),
             "text": dm.text_settings() if dm is not None and hasattr(dm, "text_settings") else None,
         }
-
-
-def evaluate_embeddings(store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks, query_index=None, gallery_index=None) -> dict[str, float]:
-    """Recall@K over the split's gallery (reference excluded) and R@1 per modification type.
-
-    ``query_index`` / ``gallery_index`` say which queries and gallery entries the embeddings
-    belong to (all, in order, by default); with ``limit_val_batches`` or ``fast_dev_run`` only a
-    part is embedded and the metrics cover that part.
-    """
-    q_index = list(range(store.num_queries)) if query_index is None else query_index
-    g_index = list(range(len(store.gallery_rows))) if gallery_index is None else gallery_index
-    grows = [int(store.gallery_rows[j]) for j in g_index]
-    pos = {r: j for j, r in enumerate(grows)}
-    exclude = [pos.get(int(store.ref_rows[i])) for i in q_index]
-    idx, _ = topk_rankings(query_emb, gallery_emb, max(ks), exclude=exclude)
-    ids = store.image_ids
-    rankings = [[ids[grows[j]] for j in row] for row in idx.tolist()]
-    targets = [set(store.triplets[i].targets) for i in q_index]
-    groups = [store.groups[i] for i in q_index]
-    out = recall_at_k(rankings, targets, ks=tuple(ks), num_candidates=idx.shape[1])
-    if len(set(groups)) > 1:
-        for g, v in recall_by_group(rankings, targets, groups, k=1, num_candidates=idx.shape[1]).items():
-            out[f"R@1/{g}"] = v
-    return out

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.store import SplitStore
-from .metrics import recall_at_k, recall_by_group, topk_rankings
+from .evaluate import evaluate_embeddings
 
 
 @torch.no_grad()
@@ -31,19 +31,6 @@ def _encode(model, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tenso
         mask = (torch.arange(n)[None, :] < lengths[s : s + batch_size, None]).long().to(device)
         out.append(model.encode(tok, mask, pixels=pixels[s : s + batch_size].to(device)).float().cpu())
     return torch.cat(out)
-
-
-def _score(store: SplitStore, query: torch.Tensor, gallery: torch.Tensor, ks, by_type: bool) -> dict[str, float]:
-    pos = {int(r): j for j, r in enumerate(store.gallery_rows.tolist())}
-    exclude = [pos.get(int(r)) for r in store.ref_rows.tolist()]
-    idx, _ = topk_rankings(query, gallery, max(ks), exclude=exclude)
-    grows = store.gallery_rows.tolist()
-    rankings = [[store.image_ids[grows[j]] for j in row] for row in idx.tolist()]
-    targets = [set(t.targets) for t in store.triplets]
-    out = recall_at_k(rankings, targets, ks=tuple(ks))
-    if by_type:
-        out.update({f"R@1/{g}": v for g, v in recall_by_group(rankings, targets, store.groups, k=1).items()})
-    return out
 
 
 def evaluate_baselines(model, store: SplitStore, device="cpu", batch_size: int = 256, ks=(1, 5, 10, 50)) -> dict[str, dict[str, float]]:
@@ -58,12 +45,12 @@ def evaluate_baselines(model, store: SplitStore, device="cpu", batch_size: int =
     empty_len = torch.full((len(refs),), 2, dtype=q_len.dtype)
     blank = store.images.float().mean(dim=(0, 2, 3)).round().to(torch.uint8)[None, :, None, None].expand_as(refs).contiguous()
     results = {
-        "model": _score(store, _encode(model, refs, q_ids, q_len, device, batch_size, "queries"), gallery, ks, True),
-        "image_only": _score(store, _encode(model, refs, empty_ids, empty_len, device, batch_size, "image-only"), gallery, ks, False),
-        "text_only": _score(store, _encode(model, blank, q_ids, q_len, device, batch_size, "text-only"), gallery, ks, False),
+        "model": evaluate_embeddings(store, _encode(model, refs, q_ids, q_len, device, batch_size, "queries"), gallery, ks),
+        "image_only": evaluate_embeddings(store, _encode(model, refs, empty_ids, empty_len, device, batch_size, "image-only"), gallery, ks, by_type=False),
+        "text_only": evaluate_embeddings(store, _encode(model, blank, q_ids, q_len, device, batch_size, "text-only"), gallery, ks, by_type=False),
     }
     flat = lambda x: F.normalize((x.float() - x.float().mean(dim=(1, 2, 3), keepdim=True)).flatten(1), dim=-1)  # noqa: E731
-    results["pixel_nn"] = _score(store, flat(refs), flat(store.images[g]), ks, False)
+    results["pixel_nn"] = evaluate_embeddings(store, flat(refs), flat(store.images[g]), ks, by_type=False)
     return results
 
 
