@@ -56,8 +56,7 @@ class CIRModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = get_model_config(model, model_overrides)
         self.model = CIRDualTower(self.model_config)
-        self.loss = InfoNCELoss(temperature, learn_temperature)
-        self.loss.bidirectional = bidirectional
+        self.loss = InfoNCELoss(temperature, learn_temperature, bidirectional=bidirectional)
         self._eval: dict[str, dict[str, list]] = {}
 
     # -- training ----------------------------------------------------------------------------
