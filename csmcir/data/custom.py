@@ -140,18 +140,20 @@ def _parse_triplet(obj: dict, path: Path, lineno: int) -> Triplet:
     return Triplet(qid, reference, text, tuple(targets), meta, tuple(negatives))
 
 
+def _first_seen(first_line: dict[str, int], key: str, path: Path, lineno: int, what: str) -> None:
+    """Record ``key`` at ``lineno``; a second occurrence is an error naming both lines."""
+    if key in first_line:
+        raise CsmcirError(f"{where(path, lineno, key)}: duplicate {what} (first on line {first_line[key]})")
+    first_line[key] = lineno
+
+
 def _read_triplets_numbered(path: Path) -> list[tuple[int, Triplet]]:
     """Parse a triplets file, keeping each query's line number for later error messages."""
     out: list[tuple[int, Triplet]] = []
     first_line: dict[str, int] = {}
     for lineno, obj in _iter_jsonl(path):
         t = _parse_triplet(obj, path, lineno)
-        if t.id in first_line:
-            raise CsmcirError(
-                f"{where(path, lineno, t.id)}: duplicate query id "
-                f"(first on line {first_line[t.id]})"
-            )
-        first_line[t.id] = lineno
+        _first_seen(first_line, t.id, path, lineno, "query id")
         out.append((lineno, t))
     return out
 
@@ -211,12 +213,7 @@ def read_captions(path: str | Path) -> dict[str, Caption]:
     first_line: dict[str, int] = {}
     for lineno, obj in _iter_jsonl(path):
         c = _parse_caption(obj, path, lineno)
-        if c.image_id in first_line:
-            raise CsmcirError(
-                f"{where(path, lineno, c.image_id)}: duplicate caption image_id "
-                f"(first on line {first_line[c.image_id]})"
-            )
-        first_line[c.image_id] = lineno
+        _first_seen(first_line, c.image_id, path, lineno, "caption image_id")
         out[c.image_id] = c
     return out
 
