@@ -401,15 +401,23 @@ def _other_value(rng: np.random.Generator, query: Query, mods: Sequence[Mod]) ->
         stated = [a for a in ("shape", "colour", "size", "pattern", "cell") if a != m.free]
         attribute = pick(rng, stated)
         if attribute == "cell":
-            dests = [c for c in empty_cells(scene) if c not in claimed and c != m.cell]
-            if not dests:
+            m2 = _add_elsewhere(rng, scene, m, claimed)
+            if m2 is None:
                 return None
-            cell = pick(rng, dests)
-            m2 = replace(m, cell=cell, new=m.new.with_(cell=cell))
         else:
             values = [v for v in ATTRIBUTES[attribute] if v != m.new.get(attribute)]
             m2 = replace(m, new=m.new.with_(**{attribute: pick(rng, values)}))
     return apply(scene, [*mods[:i], m2, *mods[i + 1 :]])
+
+
+def _add_elsewhere(rng: np.random.Generator, scene: Scene, m: Mod, claimed: set) -> Mod | None:
+    """The same "add" in another empty cell no other edit claims (None if there is none)."""
+    assert m.new is not None
+    dests = [c for c in empty_cells(scene) if c not in claimed and c != m.cell]
+    if not dests:
+        return None
+    cell = pick(rng, dests)
+    return replace(m, cell=cell, new=m.new.with_(cell=cell))
 
 
 def _other_object(rng: np.random.Generator, query: Query, mods: Sequence[Mod]) -> Scene | None:
@@ -420,12 +428,9 @@ def _other_object(rng: np.random.Generator, query: Query, mods: Sequence[Mod]) -
     busy = {o.cell for j, o in enumerate(mods) if j != i and o.type != "add"}
     claimed = {d for j, o in enumerate(mods) if j != i and (d := o.dest) is not None}
     if m.type == "add":
-        assert m.new is not None
-        dests = [c for c in empty_cells(scene) if c not in claimed and c != m.cell]
-        if not dests:
+        m2 = _add_elsewhere(rng, scene, m, claimed)
+        if m2 is None:
             return None
-        cell = pick(rng, dests)
-        m2 = replace(m, cell=cell, new=m.new.with_(cell=cell))
     else:
         others = [
             o
