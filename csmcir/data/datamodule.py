@@ -35,6 +35,9 @@ class CIRDataModule(L.LightningDataModule):
         missing_caption: ``error`` (name the first image without caption) or ``empty``.
         hard_negatives: listed hard negatives (``negatives`` in the triplets) encoded per training
             query as extra InfoNCE negatives, beside the in-batch ones; 0 turns them off.
+        reference_negative: the query's own reference image with its caption is a negative of
+            that query (the target always differs from it); it reuses the query side's image
+            features, so it costs one Q-Former pass and no vision pass.
         batch_size: training batch per process; ``eval_batch_size`` for evaluation.
         num_workers: DataLoader workers (0 is right for in-memory data).
     """
@@ -55,6 +58,7 @@ class CIRDataModule(L.LightningDataModule):
         image_size: int | None = None,
         missing_caption: str = "error",
         hard_negatives: int = 1,
+        reference_negative: bool = False,
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
@@ -120,7 +124,7 @@ class CIRDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self):
         return DataLoader(
-            TrainTriplets(self.stores[self.hparams.train_split], self.hparams.hard_negatives),
+            TrainTriplets(self.stores[self.hparams.train_split], self.hparams.hard_negatives, self.hparams.reference_negative),
             batch_size=self.hparams.batch_size,
             shuffle=True,
             drop_last=True,  # equal batches on every rank for gathered negatives

@@ -13,11 +13,14 @@ class TrainTriplets(Dataset):
 
     With ``hard_negatives`` = n > 0 each item also carries n of the query's listed negatives
     (drawn without replacement; a query with fewer is topped up with random gallery images).
+    With ``reference_negative`` the query's own reference image (with its caption) is one more
+    negative: the target differs from the reference, so "return the reference" is always wrong.
     """
 
-    def __init__(self, store: SplitStore, hard_negatives: int = 0):
+    def __init__(self, store: SplitStore, hard_negatives: int = 0, reference_negative: bool = False):
         self.s = store
         self.n_neg = hard_negatives
+        self.ref_neg = reference_negative
         self.all_targets = store.padded_targets()
 
     def __len__(self):
@@ -38,6 +41,9 @@ class TrainTriplets(Dataset):
             "target_row": t,
             "all_targets": self.all_targets[i],
         }
+        if self.ref_neg:
+            # the image is the reference already in the item: the model reuses its features
+            item.update(ref_caption_ids=s.caption_ids[r], ref_caption_len=s.caption_lengths[r], ref_row=r)
         if self.n_neg:
             listed = s.negative_rows[i]
             pick = [listed[j] for j in torch.randperm(len(listed))[: self.n_neg].tolist()]
@@ -81,15 +87,15 @@ class EvalQueries(Dataset):
 def collate(items: list[dict]) -> dict:
     """Stack, then cut token tensors to the longest text in the batch and build attention masks."""
     batch = torch.utils.data.default_collate(items)
-    if "neg_caption_ids" in batch:
-        # targets and hard negatives are encoded in one pass: cut both to one length
-        lengths = batch.pop("neg_caption_len")  # [B, n]
-        n = int(max(lengths.max(), batch["caption_len"].max()))
-        batch["neg_caption_ids"] = batch["neg_caption_ids"][:, :, :n].long()
-        batch["neg_caption_mask"] = (torch.arange(n)[None, None, :] < lengths[:, :, None]).long()
-        lens = batch.pop("caption_len")
-        batch["caption_ids"] = batch["caption_ids"][:, :n].long()
-        batch["caption_mask"] = (torch.arange(n)[None, :] < lens[:, None]).long()
+    # target-side texts (targets, hard negatives, reference negatives) are encoded in one pass:
+    # cut them all to one length
+    target_side = [p for p in ("caption", "neg_caption", "ref_caption") if f"{p}_len" in batch]
+    if len(target_side) > 1:
+        n = int(max(batch[f"{p}_len"].max() for p in target_side))
+        for p in target_side:
+            lengths = batch.pop(f"{p}_len")
+            batch[f"{p}_ids"] = batch[f"{p}_ids"][..., :n].long()
+            batch[f"{p}_mask"] = (torch.arange(n) < lengths[..., None]).long()
     for prefix in ("query", "caption"):
         if f"{prefix}_len" in batch:
             lengths = batch.pop(f"{prefix}_len")

@@ -61,16 +61,25 @@ class CIRModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        q = self.model.encode(batch["query_ids"], batch["query_mask"], pixels=batch["ref"])
+        ref_features = self.model.encode_image(batch["ref"])
+        q = self.model.encode(batch["query_ids"], batch["query_mask"], image_features=ref_features)
         bs = q.shape[0]
-        # the target side: positives, then any hard negatives, in one forward pass
+        # the target side: positives, then any hard negatives, then any reference negatives
+        # (the reference image with its caption, reusing the query side's image features), in
+        # one Q-Former pass
         pixels, ids, mask, rows = batch["target"], batch["caption_ids"], batch["caption_mask"], batch["target_row"]
         if "neg" in batch:
             pixels = torch.cat([pixels, batch["neg"].flatten(0, 1)])
             ids = torch.cat([ids, batch["neg_caption_ids"].flatten(0, 1)])
             mask = torch.cat([mask, batch["neg_caption_mask"].flatten(0, 1)])
             rows = torch.cat([rows, batch["neg_rows"].flatten()])
-        c = self.model.encode(ids, mask, pixels=pixels)
+        features = self.model.encode_image(pixels)
+        if "ref_caption_ids" in batch:
+            features = torch.cat([features, ref_features])
+            ids = torch.cat([ids, batch["ref_caption_ids"]])
+            mask = torch.cat([mask, batch["ref_caption_mask"]])
+            rows = torch.cat([rows, batch["ref_row"]])
+        c = self.model.encode(ids, mask, image_features=features)
         t, neg, neg_rows = c[:bs], c[bs:], rows[bs:]
         target_rows = rows[:bs]
         offset = 0
