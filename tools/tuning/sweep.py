@@ -2,9 +2,14 @@
 import json, os, sys, time, subprocess
 from pathlib import Path
 OUT = Path(os.environ.get("OUT", "/tmp/out")); OUT.mkdir(parents=True, exist_ok=True)
-TOK = str(Path(__file__).parent / "tok")
+TOK = os.environ.get("TOK", str(Path(__file__).parent / "tok"))
 
 def job(spec):
+    for _ in range(120):  # a benchmark still being generated in the background (variants.py)
+        if Path(spec["root"], "benchmark.json").exists(): break
+        time.sleep(5)
+    else:
+        raise FileNotFoundError(f'{spec["root"]}/benchmark.json: no benchmark there after 10 minutes')
     import torch, lightning as L
     torch.set_float32_matmul_precision("high")
     from csmcir.data.datamodule import CIRDataModule
@@ -12,8 +17,8 @@ def job(spec):
     L.seed_everything(spec.get("seed", 0))
     bs = spec["bs"]
     budget = {"max_epochs": spec["epochs"]} if "epochs" in spec else {"max_steps": spec["samples"] // bs}
-    dm = CIRDataModule(root=spec["root"], synthetic=False, tokenizer=TOK, batch_size=bs, target_text=spec.get("target_text", "caption"), test_splits=["test", "heldout"], hard_negatives=spec.get("hn", 1))
-    m = CIRModule(model=spec.get("model", "small"), model_overrides=spec.get("ov"), lr=spec["lr"], warmup_steps=spec["wu"], bidirectional=spec.get("bidir", False), weight_decay=spec.get("wd", 0.05))
+    dm = CIRDataModule(root=spec["root"], synthetic=False, tokenizer=TOK, batch_size=bs, target_text=spec.get("target_text", "caption"), test_splits=["test", "heldout"], hard_negatives=spec.get("hn", 1), reference_negative=spec.get("refneg", False))
+    m = CIRModule(model=spec.get("model", "small"), model_overrides=spec.get("ov"), lr=spec["lr"], warmup_steps=spec["wu"], bidirectional=spec.get("bidir", False), weight_decay=spec.get("wd", 0.05), temperature=spec.get("temp", 0.07))
     tr = L.Trainer(accelerator=os.environ.get("ACC", "gpu"), devices=1, **budget, check_val_every_n_epoch=1000, enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     t = time.time(); tr.fit(m, dm); ft = time.time() - t
     v = tr.validate(m, dm, verbose=False)[0]
