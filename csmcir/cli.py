@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write the seeded synthetic CIR benchmark in the custom format")
     s.add_argument("--out", required=True, help="output folder (created; must be empty or hold the same benchmark)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--difficulty", default="standard", choices=["easy", "standard", "hard"], help="default: standard")
+    s.add_argument("--difficulty", default="standard", choices=["easy", "standard", "medium", "hard"], help="default: standard")
     s.add_argument("--workers", type=int, default=2, help="rendering processes (default 2); output is identical for any value")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)

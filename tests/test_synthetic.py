@@ -27,7 +27,7 @@ from csmcir.data.synthetic import (
     ensure_benchmark,
     generate,
 )
-from csmcir.data.synthetic.builder import _drawing, render_config
+from csmcir.data.synthetic.builder import _drawing, build_split, render_config
 from csmcir.data.synthetic.render import render
 from csmcir.data.synthetic.scene import (
     BACKGROUND,
@@ -43,7 +43,7 @@ from csmcir.data.synthetic.scene import (
 from csmcir.errors import CsmcirError
 
 EASY = DIFFICULTIES["easy"]
-# Standard generation (compositions, relational references, 6 distractors) at a test-sized count.
+# Standard generation (compositions, relational references, 4 distractors) at a test-sized count.
 SMALL_STANDARD = replace(
     DIFFICULTIES["standard"], name="standard-small", n_train=100, n_val=120, n_test=60, n_heldout=60
 )
@@ -230,6 +230,8 @@ def test_every_target_follows_from_its_reference(bench, request):
 def test_meta_types_cover_every_modification_and_composition(small):
     d = CustomCIR(small)
     triplets = [t for s in ("train", "val", "test") for t in d.triplets(s)]
+    # three-edit compositions are about 1 % of standard queries: add 2000 built (not rendered) ones
+    triplets += build_split("train", 0, replace(DIFFICULTIES["standard"], n_train=2000)).triplets
     types = Counter(t.meta["type"] for t in triplets)
     assert set(types) == MOD_TYPES | {"compose2", "compose3"}
     for t in triplets:
@@ -454,7 +456,7 @@ def test_other_benchmark_or_unrelated_folder_raises(easy, tmp_path):
         generate(other, seed=0, difficulty=TINY, progress=False)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     with pytest.raises(CsmcirError, match="unknown difficulty"):
-        generate(tmp_path / "x", difficulty="medium")
+        generate(tmp_path / "x", difficulty="extreme")
 
 
 def test_failed_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):

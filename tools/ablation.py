@@ -23,7 +23,8 @@ from pathlib import Path
 VARIANTS = {
     "symmetric": ["--data.target_text", "caption"],  # target = image + final MCoT caption
     "asymmetric": ["--data.target_text", "none"],  # target = image only (SPRC-style)
-    "no_hard_negatives": ["--data.hard_negatives", "0"],
+    "no_reference_negative": ["--data.reference_negative", "false"],
+    "hard_negative": ["--data.hard_negatives", "1"],  # plus one listed distractor per query
 }
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 

@@ -57,9 +57,9 @@ class CIRDataModule(L.LightningDataModule):
         tokenizer: str = "minilm",
         image_size: int | None = None,
         missing_caption: str = "error",
-        hard_negatives: int = 1,
-        reference_negative: bool = False,
-        batch_size: int = 64,
+        hard_negatives: int = 0,
+        reference_negative: bool = True,
+        batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
     ):
