@@ -90,18 +90,16 @@ class Encoder:
         """Embed (PIL image, text) pairs; returns float32 ``[N, D]``, L2-normalised."""
         # exactly as training saw pixels: resized at load time only if data.image_size was set,
         # otherwise at native size and resized by the vision tower itself
+        from PIL import Image
+
         size = self.text.get("image_size")
         arrays = []
         for img in images:
             if size is not None and img.size != (size, size):
-                from PIL import Image
-
                 img = img.resize((size, size), Image.BICUBIC)
             arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
         if len({a.shape for a in arrays}) > 1:  # one batch needs one size: let the tower resize each
             side = self.model.cfg.vision.image_size
-            from PIL import Image
-
             arrays = [np.asarray(Image.fromarray(a).resize((side, side), Image.BICUBIC)) for a in arrays]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
         ids, mask = self.tokenize(texts)

@@ -84,22 +84,22 @@ class EvalQueries(Dataset):
         return {"ref": self.s.images[r], "query_ids": self.s.query_ids[i], "query_len": self.s.query_lengths[i], "index": i}
 
 
+def _cut_texts(batch: dict, prefixes: tuple[str, ...]) -> None:
+    """Cut the token tensors of ``prefixes`` to one width (their longest text) and add masks."""
+    prefixes = tuple(p for p in prefixes if f"{p}_len" in batch)
+    if not prefixes:
+        return
+    n = int(max(batch[f"{p}_len"].max() for p in prefixes))
+    for p in prefixes:
+        lengths = batch.pop(f"{p}_len")
+        batch[f"{p}_ids"] = batch[f"{p}_ids"][..., :n].long()
+        batch[f"{p}_mask"] = (torch.arange(n) < lengths[..., None]).long()
+
+
 def collate(items: list[dict]) -> dict:
     """Stack, then cut token tensors to the longest text in the batch and build attention masks."""
     batch = torch.utils.data.default_collate(items)
-    # target-side texts (targets, hard negatives, reference negatives) are encoded in one pass:
-    # cut them all to one length
-    target_side = [p for p in ("caption", "neg_caption", "ref_caption") if f"{p}_len" in batch]
-    if len(target_side) > 1:
-        n = int(max(batch[f"{p}_len"].max() for p in target_side))
-        for p in target_side:
-            lengths = batch.pop(f"{p}_len")
-            batch[f"{p}_ids"] = batch[f"{p}_ids"][..., :n].long()
-            batch[f"{p}_mask"] = (torch.arange(n) < lengths[..., None]).long()
-    for prefix in ("query", "caption"):
-        if f"{prefix}_len" in batch:
-            lengths = batch.pop(f"{prefix}_len")
-            n = int(lengths.max())
-            batch[f"{prefix}_ids"] = batch[f"{prefix}_ids"][:, :n].long()
-            batch[f"{prefix}_mask"] = (torch.arange(n)[None, :] < lengths[:, None]).long()
+    _cut_texts(batch, ("query",))
+    # target-side texts (targets, hard negatives, reference negatives) share one Q-Former pass
+    _cut_texts(batch, ("caption", "neg_caption", "ref_caption"))
     return batch

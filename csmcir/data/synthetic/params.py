@@ -168,7 +168,7 @@ DIFFICULTIES: dict[str, SynthParams] = {
     ),
     # The default benchmark; the class defaults above are its values: 1-2 objects, mostly
     # single edits, 4 hard distractors (with the target and the reference, CIRR's image-set size
-    # of six). Calibrated against the default fit (about 15 CPU minutes): docs/benchmarks.md.
+    # of six). Calibrated against the default fit (about 13 CPU minutes): docs/benchmarks.md.
     "standard": SynthParams(name="standard"),
     # Headroom: 2-3 objects, more compositions and relational references, 5 distractors.
     "medium": _MEDIUM,
