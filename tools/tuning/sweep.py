@@ -19,11 +19,32 @@ def job(spec):
     budget = {"max_epochs": spec["epochs"]} if "epochs" in spec else {"max_steps": spec["samples"] // bs}
     dm = CIRDataModule(root=spec["root"], synthetic=False, tokenizer=TOK, batch_size=bs, target_text=spec.get("target_text", "caption"), test_splits=["test", "heldout"], hard_negatives=spec.get("hn", 1), reference_negative=spec.get("refneg", False))
     m = CIRModule(model=spec.get("model", "small"), model_overrides=spec.get("ov"), lr=spec["lr"], warmup_steps=spec["wu"], bidirectional=spec.get("bidir", False), weight_decay=spec.get("wd", 0.05), temperature=spec.get("temp", 0.07))
+    if spec.get("types") or spec.get("type_weights"):  # diagnostics: train on some types / reweight them
+        _reweight(dm, spec.get("types"), spec.get("type_weights", {}), bs)
     tr = L.Trainer(accelerator=os.environ.get("ACC", "gpu"), devices=1, **budget, check_val_every_n_epoch=1000, enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     t = time.time(); tr.fit(m, dm); ft = time.time() - t
     v = tr.validate(m, dm, verbose=False)[0]
     te = tr.test(m, dm, verbose=False)[0]
     return {"name": spec["name"], "steps": tr.global_step, "fit_s": round(ft, 1), **{k: round(x, 2) for k, x in {**v, **te}.items() if "/R@" in k and k.count("/") <= 2}}
+
+def _reweight(dm, types, weights, bs):
+    """Replace the train loader by one drawing queries of ``types`` only, or with type weights."""
+    import torch
+    from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
+    from csmcir.data.datasets import TrainTriplets, collate
+
+    def loader():
+        h = dm.hparams
+        store = dm.stores[h.train_split]
+        ds = TrainTriplets(store, h.hard_negatives, h.reference_negative)
+        groups = store.groups
+        if types:
+            return DataLoader(Subset(ds, [i for i, g in enumerate(groups) if g in types]), batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate)
+        w = torch.tensor([float(weights.get(g, 1.0)) for g in groups])
+        return DataLoader(ds, batch_size=bs, sampler=WeightedRandomSampler(w, len(ds)), drop_last=True, collate_fn=collate)
+
+    dm.train_dataloader = loader
+
 
 if __name__ == "__main__":
     if sys.argv[1] == "job":

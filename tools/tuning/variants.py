@@ -27,6 +27,8 @@ VARIANTS = {
     # G is the new standard but for its 2 % of three-edit compositions
     "G": R(OLD, name="g", **EASIER, n_distractors=4, n_train=13000),
     "H": R(OLD, name="h", **EASIER, n_distractors=5, n_train=13000),
+    # S is today's standard difficulty itself (sweep s5)
+    "S": S.DIFFICULTIES["standard"],
 }
 
 
