@@ -125,6 +125,24 @@ def cmd_rank(a) -> None:
     print(f"wrote rankings of {len(rankings)} queries (top {a.k}, reference excluded) to {a.out}")
 
 
+# -- evaluate -----------------------------------------------------------------------------------
+def cmd_evaluate(a) -> None:
+    from .data.benchmarks import FASHIONIQ_CATEGORIES, load_benchmark
+    from .retrieval.protocols import fashioniq_metrics, read_rankings, score_split
+
+    rankings = read_rankings(a.rankings)
+    if a.dataset == "fashioniq" and a.category is None:
+        # all three categories: the rankings file keys queries as "<category>/<id>"
+        per_cat = {}
+        for cat in FASHIONIQ_CATEGORIES:
+            sub = {k.split("/", 1)[1]: v for k, v in rankings.items() if k.startswith(cat + "/")}
+            per_cat[cat] = score_split(load_benchmark("fashioniq", a.root, a.split, cat, images=False), sub, source=f"{a.rankings} ({cat}/...)")
+        out = fashioniq_metrics(per_cat)
+    else:
+        out = score_split(load_benchmark(a.dataset, a.root, a.split, a.category, images=False), rankings, source=str(a.rankings))
+    print(json.dumps({k: round(v, 4) for k, v in out.items()}))
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -177,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="rankings JSON file to write")
     s.add_argument("--k", type=int, default=50, help="ranked ids kept per query (default 50)")
     s.set_defaults(func=cmd_rank)
+
+    s = sub.add_parser(
+        "evaluate",
+        help="score a rankings file by a benchmark's official protocol (no model needed)",
+        description=(
+            "Score {query id: [image ids, best first]} (csmcir rank output or a test-server submission) "
+            "by the official protocol: FashionIQ R@10/50 (reference kept), CIRR R@1/5/10/50 (reference "
+            "removed), Rsubset@1/2/3 and Avg, CIRCO mAP@5/10/25/50, Shoes R@1/10/50 (reference removed). "
+            "Prints one JSON object of percentages. Every query of the split must be ranked."
+        ),
+    )
+    s.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo", "shoes"])
+    s.add_argument("--root", required=True, help="the dataset's folder in its release layout (images not needed)")
+    s.add_argument("--split", required=True, help="fashioniq: val; cirr: val; circo: val; shoes: test")
+    s.add_argument("--rankings", required=True, help="rankings JSON file")
+    s.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category; without it all three are scored and averaged (keys '<category>/<id>')")
+    s.set_defaults(func=cmd_evaluate)
     return p
 
 
