@@ -143,6 +143,37 @@ def cmd_evaluate(a) -> None:
     print(json.dumps({k: round(v, 4) for k, v in out.items()}))
 
 
+# -- data check / submit ------------------------------------------------------------------------
+def cmd_data_check(a) -> None:
+    from .data.benchmarks import check_split, load_benchmark
+
+    b = load_benchmark(a.dataset, a.root, a.split, a.category)
+    report = check_split(b, quick=a.quick, progress=not a.no_progress)
+    print(json.dumps(report))
+    bad = report["missing_ids"] + report["unreadable_ids"]
+    if bad:
+        kinds = " and ".join(f"{report[k]} {k}" for k in ("missing", "unreadable") if report[k])
+        raise CsmcirError(f"{a.dataset} {a.split} under {a.root}: {kinds} images, first: {', '.join(map(repr, bad[:5]))}")
+
+
+def cmd_submit(a) -> None:
+    from .data.benchmarks import load_benchmark
+    from .io import atomic_write_json, ensure_writable_dir
+    from .retrieval.protocols import circo_submission, cirr_submission, read_rankings
+
+    out = ensure_writable_dir(a.out)
+    b = load_benchmark(a.dataset, a.root, a.split, images=False)
+    rankings = read_rankings(a.rankings)
+    if a.dataset == "cirr":
+        recall, subset = cirr_submission(b, rankings, source=str(a.rankings))
+        files = {f"recall_submission_{a.name}.json": recall, f"recall_subset_submission_{a.name}.json": subset}
+    else:
+        files = {f"submission_{a.name}.json": circo_submission(b, rankings, source=str(a.rankings))}
+    for name, data in files.items():  # everything validated before the first file is written
+        atomic_write_json(out / name, data, indent=None)
+    print(f"wrote {', '.join(files)} ({len(b.queries)} queries) to {out}")
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -212,6 +243,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rankings", required=True, help="rankings JSON file")
     s.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category; without it all three are scored and averaged (keys '<category>/<id>')")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("data", help="dataset utilities: `csmcir data check`")
+    data_sub = s.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    s = data_sub.add_parser(
+        "check",
+        help="count a benchmark split and find missing or unreadable images before training",
+        description=(
+            "Load a split of a real benchmark in its release layout, print one JSON object (queries, "
+            "gallery, images checked, missing and unreadable counts and ids) and exit non-zero naming the "
+            "first bad ids. Every image is decoded (progress bar); --quick only checks that files exist."
+        ),
+    )
+    s.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo", "shoes"])
+    s.add_argument("--root", required=True, help="the dataset's folder in its release layout")
+    s.add_argument("--split", required=True, help="fashioniq: train|val|test; cirr: train|val|test1; circo: val|test; shoes: train|test")
+    s.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category (required for fashioniq)")
+    s.add_argument("--quick", action="store_true", help="only check that the files exist")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_data_check)
+
+    s = sub.add_parser(
+        "submit",
+        help="write test-server submission files from a rankings file (CIRR test1, CIRCO test)",
+        description=(
+            "CIRR test1: recall_submission_<name>.json (top 50, reference excluded) and "
+            "recall_subset_submission_<name>.json (top 3 of the image set), every pairid, checked against "
+            "the 5 MB limit. CIRCO test: submission_<name>.json, every id with 50 unique image ids. "
+            "Nothing is written unless every query is valid."
+        ),
+    )
+    s.add_argument("--dataset", required=True, choices=["cirr", "circo"])
+    s.add_argument("--root", required=True, help="the dataset's folder in its release layout")
+    s.add_argument("--split", required=True, help="cirr: test1; circo: test")
+    s.add_argument("--rankings", required=True, help="rankings JSON (e.g. `csmcir rank` output, deep enough for CIRR's image sets)")
+    s.add_argument("--out", required=True, help="folder for the submission files")
+    s.add_argument("--name", default="csmcir", help="suffix of the file names (default csmcir)")
+    s.set_defaults(func=cmd_submit)
     return p
 
 

@@ -110,3 +110,111 @@ def test_malformed_annotation_names_the_file_and_entry(tmp_path, capsys):
     # a test split has no answers: a clear error, not a score
     code, err = _evaluate(capsys, "--dataset", "circo", "--root", str(CIRCO), "--split", "test", "--rankings", str(f))
     assert code == 2 and "test server" in err
+
+
+# ------------------------------------------------------------------ data check, with placeholders
+
+
+def _placeholder(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def png_bytes():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _check(capsys, *args):
+    code = main(["data", "check", "--no-progress", *args])
+    out = capsys.readouterr()
+    return code, json.loads(out.out.splitlines()[-1]), out.err
+
+
+def test_data_check_reports_counts_and_names_bad_images(tmp_path, capsys, png_bytes):
+    # CIRR val: images at the relative paths of the split file
+    root = tmp_path / "cirr"
+    shutil.copytree(CIRR / "cirr", root / "cirr")
+    split = json.loads((CIRR / "cirr" / "image_splits" / "split.rc2.val.json").read_text())
+    for rel in split.values():
+        _placeholder(root / rel, png_bytes)
+    code, report, _ = _check(capsys, "--dataset", "cirr", "--root", str(root), "--split", "val")
+    assert code == 0
+    assert (report["queries"], report["gallery"], report["missing"], report["unreadable"]) == (4181, 2297, 0, 0)
+
+    # one image deleted, one truncated: non-zero exit naming both, nothing else changed
+    names = list(split)
+    (root / split[names[0]]).unlink()
+    (root / split[names[1]]).write_bytes(png_bytes[:20])
+    code, report, err = _check(capsys, "--dataset", "cirr", "--root", str(root), "--split", "val")
+    assert code == 2
+    assert report["missing_ids"] == [names[0]] and report["unreadable_ids"] == [names[1]]
+    assert err.strip() == f"error: cirr val under {root}: 1 missing and 1 unreadable images, first: {names[0]!r}, {names[1]!r}"
+    # --quick only looks for files: the truncated one passes
+    code, report, _ = _check(capsys, "--dataset", "cirr", "--root", str(root), "--split", "val", "--quick")
+    assert code == 2 and report["missing"] == 1 and report["unreadable"] == 0
+
+
+def test_data_check_fashioniq_and_shoes(tmp_path, capsys, png_bytes):
+    fiq = tmp_path / "fiq"
+    shutil.copytree(FIQ / "captions", fiq / "captions")
+    shutil.copytree(FIQ / "image_splits", fiq / "image_splits")
+    b = load_benchmark("fashioniq", fiq, "val", "dress", images=False)
+    for image_id in {*b.gallery, *(q.reference for q in b.queries), *(t for q in b.queries for t in q.targets)}:
+        _placeholder(fiq / "images" / f"{image_id}.jpg", png_bytes)  # PIL reads by content, not suffix
+    code, report, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(fiq), "--split", "val", "--category", "dress")
+    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (2017, 3817, 0)
+
+    shoes = tmp_path / "shoes"
+    shutil.copytree(SHOES, shoes)
+    for n, name in enumerate((SHOES / "eval_im_names.txt").read_text().split()):
+        _placeholder(shoes / f"folder{n % 3}" / "nested" / name, png_bytes)  # found by name, anywhere
+    code, report, _ = _check(capsys, "--dataset", "shoes", "--root", str(shoes), "--split", "test")
+    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (1761, 4658, 0)
+
+
+# ------------------------------------------------------------------------------------ submissions
+
+
+def test_cirr_submission_files(tmp_path, capsys):
+    b = load_benchmark("cirr", CIRR, "test1", images=False)
+    gallery = b.gallery
+    rankings = {q.id: [q.reference] + [g for g in gallery if g != q.reference] for q in b.queries}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(rankings))
+    out = tmp_path / "sub"
+    assert main(["submit", "--dataset", "cirr", "--root", str(CIRR), "--split", "test1", "--rankings", str(f), "--out", str(out)]) == 0
+    recall = json.loads((out / "recall_submission_csmcir.json").read_text())
+    subset = json.loads((out / "recall_subset_submission_csmcir.json").read_text())
+    assert (recall.pop("version"), recall.pop("metric"), subset.pop("metric")) == ("rc2", "recall", "recall_subset")
+    assert set(recall) == {q.id for q in b.queries} and len(recall) == 4148
+    for q in b.queries:
+        assert len(recall[q.id]) == 50 and q.reference not in recall[q.id]
+        want = [g for g in rankings[q.id] if g in set(q.members) - {q.reference}][:3]
+        assert subset[q.id] == want
+    assert (out / "recall_submission_csmcir.json").stat().st_size < 5 * 1024 * 1024
+
+    # a ranking too shallow for the image set: an error, and no file written
+    shallow = {q.id: [g for g in gallery if g not in q.members][:60] for q in b.queries}
+    f.write_text(json.dumps(shallow))
+    out2 = tmp_path / "sub2"
+    assert main(["submit", "--dataset", "cirr", "--root", str(CIRR), "--split", "test1", "--rankings", str(f), "--out", str(out2)]) == 2
+    assert "rank deeper" in capsys.readouterr().err
+    assert not any(out2.glob("*.json"))
+
+
+def test_circo_submission_file(tmp_path):
+    b = load_benchmark("circo", CIRCO, "test", images=False)
+    rankings = {q.id: [str(10**6 + i) for i in range(60)] for q in b.queries}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(rankings))
+    assert main(["submit", "--dataset", "circo", "--root", str(CIRCO), "--split", "test", "--rankings", str(f), "--out", str(tmp_path)]) == 0
+    sub = json.loads((tmp_path / "submission_csmcir.json").read_text())
+    assert sorted(sub, key=int) == [str(i) for i in range(800)]
+    assert all(len(v) == 50 and len(set(v)) == 50 and all(isinstance(x, int) for x in v) for v in sub.values())

@@ -268,3 +268,48 @@ def load_benchmark(name: str, root: str | Path, split: str, category: str | None
     if name == "shoes":
         return load_shoes(root, split, find_images=images)
     raise CsmcirError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+
+
+# ---------------------------------------------------------------------------------------- check
+
+
+def check_split(split: BenchmarkSplit, quick: bool = False, progress: bool = True, shown: int = 10) -> dict:
+    """Every image a split needs (gallery, references, targets, image sets): present and, unless
+    ``quick``, fully decodable. Returns counts and the bad ids (the first ``shown`` of each kind)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    needed = dict.fromkeys(split.gallery)
+    for q in split.queries:
+        needed.update(dict.fromkeys([q.reference, *q.targets, *(q.members or [])]))
+    missing, unreadable = [], []
+    for image_id in tqdm(needed, desc=f"checking {split.dataset} {split.split} images", unit="img", disable=not progress, mininterval=1.0):
+        try:
+            path = split.image_path(image_id)
+        except CsmcirError:
+            missing.append(image_id)
+            continue
+        if not path.is_file():
+            missing.append(image_id)
+            continue
+        if quick:
+            continue
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            unreadable.append(image_id)
+    report = {
+        "dataset": split.dataset,
+        "split": split.split,
+        **({"category": split.category} if split.category else {}),
+        "queries": len(split.queries),
+        "gallery": len(split.gallery),
+        "images_checked": len(needed),
+        "decoded": not quick,
+        "missing": len(missing),
+        "unreadable": len(unreadable),
+        "missing_ids": missing[:shown],
+        "unreadable_ids": unreadable[:shown],
+    }
+    return report

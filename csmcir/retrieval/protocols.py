@@ -255,3 +255,55 @@ def score_split(split, rankings: Mapping[str, Sequence[str]], source: str = "ran
     if split.dataset == "shoes":
         return recall_at_k(rankings, {q.id: q.targets for q in qs}, (1, 10, 50), references=refs, source=source)
     raise CsmcirError(f"no protocol for dataset {split.dataset!r}")
+
+
+# ------------------------------------------------------------------------------- submissions
+
+CIRR_SUBMISSION_LIMIT = 5 * 1024 * 1024  # bytes per file, the CIRR test server's limit
+
+
+def cirr_submission(split, rankings: Mapping[str, Sequence[str]], source: str = "rankings") -> tuple[dict, dict]:
+    """CIRR test-server files from rankings of ``split`` (a test1 BenchmarkSplit).
+
+    ``recall``: each pairid's top 50, reference excluded; ``recall_subset``: its top 3 among its
+    image set (reference excluded), in ranked order. The rankings must be deep enough to hold 3
+    image-set members; ``csmcir rank --k`` with the gallery size always is.
+    """
+    recall = {"version": "rc2", "metric": "recall"}
+    subset = {"version": "rc2", "metric": "recall_subset"}
+    for q in split.queries:
+        ranked = [g for g in _ranked(rankings, q.id, source) if g != q.reference]
+        if len(ranked) < 50:
+            raise ProtocolError(f"{source}: query {q.id!r}: {len(ranked)} ranked ids besides the reference, the recall file needs 50")
+        if len(set(ranked)) != len(ranked):
+            raise ProtocolError(f"{source}: query {q.id!r}: an id is ranked twice")
+        members = set(q.members or []) - {q.reference}
+        sub = [g for g in ranked if g in members][:3]
+        if len(sub) < 3:
+            raise ProtocolError(
+                f"{source}: query {q.id!r}: only {len(sub)} of its image set ranked; rank deeper "
+                f"(csmcir rank --k {len(split.gallery)})"
+            )
+        recall[q.id] = list(ranked[:50])
+        subset[q.id] = sub
+    for name, d in (("recall", recall), ("recall_subset", subset)):
+        size = len(__import__("json").dumps(d).encode())
+        if size > CIRR_SUBMISSION_LIMIT:
+            raise ProtocolError(f"CIRR {name} submission would be {size} bytes, over the server's 5 MB limit")
+    return recall, subset
+
+
+def circo_submission(split, rankings: Mapping[str, Sequence[str]], source: str = "rankings") -> dict:
+    """CIRCO test-server file: every query id -> 50 unique image ids (integers, as COCO ids are)."""
+    out = {}
+    for q in split.queries:
+        ranked = list(_ranked(rankings, q.id, source))[:50]
+        if len(ranked) < 50:
+            raise ProtocolError(f"{source}: query {q.id!r}: {len(ranked)} ranked ids, the submission needs 50")
+        if len(set(ranked)) != 50:
+            raise ProtocolError(f"{source}: query {q.id!r}: an id is ranked twice in its top 50")
+        try:
+            out[q.id] = [int(g) for g in ranked]
+        except ValueError:
+            raise ProtocolError(f"{source}: query {q.id!r}: CIRCO image ids are integers, got {ranked[0]!r}") from None
+    return out
