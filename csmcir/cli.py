@@ -15,15 +15,20 @@ from pathlib import Path
 from .errors import CsmcirError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-DATASETS = ("custom", "synthetic")
+DATASETS = ("custom", "synthetic", "fashioniq", "cirr", "circo", "shoes")
 
 
-def _open_dataset(name: str, root: str):
+def _open_dataset(name: str, root: str, category: str | None = None, captions: str | None = None):
+    from .data.benchmarks import BenchmarkCIR
     from .data.custom import CustomCIR
 
     if name not in DATASETS:
         raise CsmcirError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
-    return CustomCIR(root)
+    if name in ("custom", "synthetic"):
+        return CustomCIR(root)
+    if name == "fashioniq" and category is None:
+        raise CsmcirError("fashioniq needs --category (dress, shirt or toptee)")
+    return BenchmarkCIR(name, root, category, captions)
 
 
 # -- synth --------------------------------------------------------------------------------------
@@ -46,7 +51,7 @@ def cmd_index(a) -> None:
 
     out = ensure_writable_dir(a.out)
     enc = Encoder.from_checkpoint(a.ckpt, a.device)
-    ds = _open_dataset(a.dataset, a.root)
+    ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
     ids = ds.gallery(a.split)
     texts = gallery_texts(enc, ds, ids)
     emb = embed_pairs(enc, ds, ids, texts, a.batch_size, desc=f"embedding {a.split} gallery", partial=out / ".embeddings.partial.npz")
@@ -108,21 +113,33 @@ def cmd_rank(a) -> None:
     from .retrieval.metrics import recall_at_k, topk_rankings
 
     enc = Encoder.from_checkpoint(a.ckpt, a.device)
-    ds = _open_dataset(a.dataset, a.root)
+    ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
     ds.validate(a.split)
     triplets = ds.triplets(a.split)
     gallery = ds.gallery(a.split)
     g = embed_pairs(enc, ds, gallery, gallery_texts(enc, ds, gallery), a.batch_size, desc=f"embedding {a.split} gallery")
     q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {a.split} queries")
     pos = {gid: j for j, gid in enumerate(gallery)}
-    idx, _ = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), a.k, exclude=[pos.get(t.reference) for t in triplets])
+    exclude = [pos.get(t.reference) for t in triplets] if ds.remove_reference else None
+    idx, _ = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), a.k, exclude=exclude)
     rankings = {t.id: [gallery[j] for j in row] for t, row in zip(triplets, idx.tolist())}
     atomic_write_json(a.out, rankings, indent=None)
     if all(t.targets for t in triplets):
-        ks = tuple(k for k in (1, 5, 10, 50) if k <= a.k)
-        m = recall_at_k(list(rankings.values()), [set(t.targets) for t in triplets], ks=ks)
-        print("  ".join(f"{k} {v:.2f}" for k, v in m.items()))
-    print(f"wrote rankings of {len(rankings)} queries (top {a.k}, reference excluded) to {a.out}")
+        if hasattr(ds, "split"):  # a real benchmark: its official metrics
+            from .retrieval.protocols import ProtocolError, score_split
+
+            try:
+                m = score_split(ds.split(a.split), rankings, source=str(a.out))
+            except ProtocolError as e:
+                m = {}
+                print(f"no official metrics: {e}")
+        else:
+            ks = tuple(k for k in (1, 5, 10, 50) if k <= a.k)
+            m = recall_at_k(list(rankings.values()), [set(t.targets) for t in triplets], ks=ks)
+        if m:
+            print("  ".join(f"{k} {v:.2f}" for k, v in m.items()))
+    kept = "reference excluded" if ds.remove_reference else "reference kept, as the protocol does"
+    print(f"wrote rankings of {len(rankings)} queries (top {a.k}, {kept}) to {a.out}")
 
 
 # -- evaluate -----------------------------------------------------------------------------------
@@ -200,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, dataset=True):
         sp.add_argument("--ckpt", required=True, help="checkpoint written by `csmcir fit` (e.g. checkpoints/synthetic/last.ckpt)")
         if dataset:
-            sp.add_argument("--dataset", default="custom", help="dataset format: custom (the synthetic benchmark is custom)")
+            sp.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark in its release layout")
             sp.add_argument("--root", required=True, help="dataset folder")
             sp.add_argument("--split", default="test", help="split name (default test)")
+            sp.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category")
+            sp.add_argument("--captions", help="a real benchmark's caption file (default ROOT/captions.jsonl)")
         sp.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
         sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
 

@@ -218,3 +218,48 @@ def test_circo_submission_file(tmp_path):
     sub = json.loads((tmp_path / "submission_csmcir.json").read_text())
     assert sorted(sub, key=int) == [str(i) for i in range(800)]
     assert all(len(v) == 50 and len(set(v)) == 50 and all(isinstance(x, int) for x in v) for v in sub.values())
+
+
+# ------------------------------------------------------------- training and ranking on a benchmark
+
+
+def test_fit_on_shoes_logs_official_metrics_and_rank_agrees(tmp_path, capsys):
+    """A fit on the Shoes layout (placeholder images, no captions: target_text none) validates
+    by Shoes' protocol, and `rank` with its checkpoint reports the same numbers."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "shoes"
+    shutil.copytree(SHOES, root)
+    names = set((SHOES / "train_im_names.txt").read_text().split()) | set((SHOES / "eval_im_names.txt").read_text().split())
+    rng = np.random.default_rng(0)
+    (root / "womens").mkdir()
+    for name in sorted(names):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "womens" / name, format="PNG")
+    run = tmp_path / "run"
+    args = ["fit", "--model.model", "tiny", "--data.dataset", "shoes", "--data.root", str(root),
+            "--data.synthetic", "false", "--data.val_split", "test", "--data.test_splits", "[test]",
+            "--data.target_text", "none", "--data.image_size", "16", "--data.batch_size", "16",
+            "--data.eval_batch_size", "512", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(run),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(next(run.glob("lightning_logs/version_*/metrics.csv")))))
+    logged = {k: float(v) for r in rows for k, v in r.items() if v}
+    assert {"val/shoes/R@1", "val/shoes/R@10", "val/shoes/R@50"} <= set(logged)
+
+    out = tmp_path / "rank.json"
+    capsys.readouterr()
+    assert main(["rank", "--ckpt", str(run / "last.ckpt"), "--dataset", "shoes", "--root", str(root),
+                 "--split", "test", "--out", str(out), "--k", "51"]) == 0
+    printed = capsys.readouterr().out
+    rankings = json.loads(out.read_text())
+    b = load_benchmark("shoes", root, "test", images=False)
+    assert len(rankings) == 1761 and all(r[0] != q.reference for q, r in zip(b.queries, rankings.values()))
+    code, m = _evaluate(capsys, "--dataset", "shoes", "--root", str(root), "--split", "test", "--rankings", str(out))
+    assert code == 0
+    for k in ("R@1", "R@10", "R@50"):
+        assert m[k] == pytest.approx(logged[f"val/shoes/{k}"], abs=0.06)
+        assert f"{k} {m[k]:.2f}" in printed

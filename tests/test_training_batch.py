@@ -70,3 +70,32 @@ def test_training_step_scores_reference_as_negative_with_reused_features(easy_be
         # a query's own reference is never masked out as a correct target: it stays a negative
         own = seen["mask"][:, bs * (1 + hard_negatives):].diagonal()
         assert not own.any()
+
+
+def test_training_draws_each_listed_phrasing_and_evaluation_keeps_the_text(bench_copy):
+    import json
+
+    from csmcir.data.datasets import EvalQueries, TrainTriplets
+    from csmcir.tokenizer import load_tokenizer
+
+    path = bench_copy / "triplets.train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    forms = ["make it blue and bigger", "bigger and make it blue", "make it blue", "bigger"]
+    rows[0]["meta"]["train_texts"] = forms
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = CIRDataModule(root=str(bench_copy), synthetic=False, batch_size=8)
+    dm.setup("fit")
+    store = dm.stores["train"]
+    tok = load_tokenizer("minilm")
+    ds = TrainTriplets(store)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        item = ds[0]
+        seen.add(tok.decode(item["query_ids"][: int(item["query_len"])], skip_special_tokens=True))
+    assert seen == set(forms)
+    # a query without phrasings keeps its own text in training; evaluation always uses the text
+    other = ds[1]
+    assert tok.decode(other["query_ids"][: int(other["query_len"])], skip_special_tokens=True) == rows[1]["text"]
+    ev = EvalQueries(store)[0]
+    assert tok.decode(ev["query_ids"][: int(ev["query_len"])], skip_special_tokens=True) == rows[0]["text"]

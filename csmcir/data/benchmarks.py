@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CsmcirError
+from .custom import Triplet
 
-__all__ = ["BenchmarkQuery", "BenchmarkSplit", "BENCHMARKS", "FASHIONIQ_CATEGORIES", "load_benchmark"]
+__all__ = ["BenchmarkCIR", "BenchmarkQuery", "BenchmarkSplit", "BENCHMARKS", "FASHIONIQ_CATEGORIES", "check_split", "load_benchmark"]
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
@@ -313,3 +314,91 @@ def check_split(split: BenchmarkSplit, quick: bool = False, progress: bool = Tru
         "unreadable_ids": unreadable[:shown],
     }
     return report
+
+
+# ------------------------------------------------------------- the dataset interface of training
+
+
+class BenchmarkCIR:
+    """A real benchmark behind the interface the DataModule, ``rank`` and ``index`` use for the
+    custom format (:class:`~csmcir.data.custom.CustomCIR`): ``triplets``, ``gallery``,
+    ``captions``, ``load_image``, ``validate``.
+
+    Triplets carry ``meta.type`` = the FashionIQ category (so per-group recall is per category)
+    and, for CIRR's train split, the image-set members other than the reference and the target as
+    hard ``negatives``. ``captions`` is the target-side caption file (``captions.jsonl`` in the
+    custom format, e.g. written by MCoT captioning); ``None`` reads ``root/captions.jsonl``.
+    """
+
+    def __init__(self, name: str, root: str | Path, category: str | None = None, captions: str | Path | None = None):
+        self.name, self.root, self.category = name, Path(root), category
+        if not self.root.is_dir():
+            raise CsmcirError(f"dataset folder {self.root} not found")
+        self.captions_file = Path(captions) if captions is not None else self.root / "captions.jsonl"
+        self._splits: dict[str, BenchmarkSplit] = {}
+        self._paths: dict[str, Path] = {}
+        self._captions = None
+
+    def __repr__(self) -> str:
+        return f"BenchmarkCIR({self.name!r}, {str(self.root)!r}{f', {self.category!r}' if self.category else ''})"
+
+    @property
+    def remove_reference(self) -> bool:
+        """Whether the protocol drops each query's reference from its ranking (CIRR, Shoes)."""
+        return self.name in ("cirr", "shoes")
+
+    def split(self, split: str) -> BenchmarkSplit:
+        if split not in self._splits:
+            b = load_benchmark(self.name, self.root, split, self.category)
+            self._splits[split] = b
+            for image_id in dict.fromkeys([*b.gallery, *(x for q in b.queries for x in (q.reference, *q.targets))]):
+                try:
+                    self._paths.setdefault(image_id, b.image_path(image_id))
+                except CsmcirError:
+                    pass
+        return self._splits[split]
+
+    def triplets(self, split: str) -> list[Triplet]:
+        b = self.split(split)
+        out = []
+        for q in b.queries:
+            negatives: tuple[str, ...] = ()
+            if self.name == "cirr" and split == "train" and q.members:
+                negatives = tuple(m for m in q.members if m != q.reference and m not in q.targets)
+            meta = {"type": self.category} if self.category else {}
+            if len(q.train_texts) > 1:
+                meta["train_texts"] = list(q.train_texts)
+            out.append(Triplet(q.id, q.reference, q.text, tuple(q.targets), meta, negatives))
+        return out
+
+    def gallery(self, split: str) -> list[str]:
+        return list(self.split(split).gallery)
+
+    def captions(self):
+        from .custom import read_captions
+
+        if self._captions is None:
+            # no file = no captions: the caller's missing-caption policy decides (error by default)
+            self._captions = read_captions(self.captions_file) if self.captions_file.is_file() else {}
+        return self._captions
+
+    def image_path(self, image_id: str) -> Path:
+        if image_id not in self._paths:
+            raise CsmcirError(f"{self.name}: image id {image_id!r} belongs to no loaded split")
+        return self._paths[image_id]
+
+    def load_image(self, image_id: str):
+        from .custom import decode_image
+
+        return decode_image(self.image_path(image_id), image_id)
+
+    def validate(self, split: str) -> None:
+        """Every image the split needs exists (files are decoded when loaded, not here)."""
+        b = self.split(split)
+        for q in b.queries:
+            for image_id in (q.reference, *q.targets):
+                if image_id not in self._paths or not self._paths[image_id].is_file():
+                    raise CsmcirError(f"{self.name} {split}: image {image_id!r} of query {q.id!r} not found ({self._paths.get(image_id, 'no file listed')})")
+        for image_id in b.gallery:
+            if image_id not in self._paths or not self._paths[image_id].is_file():
+                raise CsmcirError(f"{self.name} {split}: gallery image {image_id!r} not found ({self._paths.get(image_id, 'no file listed')})")

@@ -206,6 +206,21 @@ def _parse_caption(obj: dict, path: Path, lineno: int) -> Caption:
     return Caption(image_id, dict(levels), final)
 
 
+def decode_image(path: Path, image_id: str):
+    """``path`` fully decoded as RGB; a corrupt or truncated file raises an error naming both."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise CsmcirError(f"{where(path, id=image_id)}: image file not found") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CsmcirError(f"{where(path, id=image_id)}: cannot decode image: {reason}") from None
+
+
 def read_captions(path: str | Path) -> dict[str, Caption]:
     """Read ``captions.jsonl`` into ``{image_id: Caption}`` (a duplicate image id is an error)."""
     path = Path(path)
@@ -300,6 +315,8 @@ class CustomCIR:
         self._captions: dict[str, Caption] | None = None
         self._image_paths: dict[str, Path] | None = None
         self._ambiguous: dict[str, list[Path]] = {}
+
+    remove_reference = True  # rankings leave each query's reference out (the custom protocol)
 
     def __repr__(self) -> str:
         return f"CustomCIR({str(self.root)!r})"
@@ -399,17 +416,7 @@ class CustomCIR:
         Decoding is forced here (``convert`` reads every pixel) so that a truncated or corrupt file
         fails now, with its path in the message, and not later inside a DataLoader worker.
         """
-        from PIL import Image
-
-        path = self.image_path(image_id)
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            message = f"{where(path, id=image_id)}: cannot decode image: {reason}"
-            raise CsmcirError(message) from None
+        return decode_image(self.image_path(image_id), image_id)
 
     # -- validation
 

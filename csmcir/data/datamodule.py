@@ -20,6 +20,13 @@ class CIRDataModule(L.LightningDataModule):
 
     Args:
         root: dataset folder.
+        dataset: ``custom`` (the custom format; the synthetic benchmark is one) or a real benchmark
+            in its release layout: ``fashioniq`` (with ``category``), ``cirr``, ``shoes``
+            (``csmcir evaluate --help`` lists the layouts). Validation then also logs the official
+            metrics as ``val/<dataset>/<metric>``.
+        category: FashionIQ category (dress, shirt, toptee).
+        captions: target-side caption file for a real benchmark (``captions.jsonl`` format, e.g.
+            from MCoT captioning); default ``root/captions.jsonl``.
         synthetic: if ``root`` is missing or empty, generate the synthetic benchmark there first
             (with ``synth_seed`` and ``synth_difficulty``). Set ``false`` for your own data.
         synth_seed: seed of the generated benchmark.
@@ -45,6 +52,9 @@ class CIRDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str = "data/synthetic",
+        dataset: str = "custom",
+        category: str | None = None,
+        captions: str | None = None,
         synthetic: bool = True,
         synth_seed: int = 0,
         synth_difficulty: str = "standard",
@@ -65,7 +75,12 @@ class CIRDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if dataset not in ("custom", "fashioniq", "cirr", "shoes"):
+            raise CsmcirError(f"data.dataset must be custom, fashioniq, cirr or shoes, got {dataset!r} (CIRCO is evaluation only)")
+        if dataset != "custom" and synthetic:
+            raise CsmcirError(f"data.dataset={dataset} reads a real benchmark: set data.synthetic=false")
         self.stores: dict[str, SplitStore] = {}
+        self._dataset = None
         self._eval_specs: dict[str, list[tuple[str, str]]] = {}
 
     # -- preparation -------------------------------------------------------------------------
@@ -79,8 +94,25 @@ class CIRDataModule(L.LightningDataModule):
         elif empty:
             raise CsmcirError(f"data.root {root} is missing or empty (set data.synthetic=true to generate the synthetic benchmark)")
 
-    def dataset(self) -> CustomCIR:
-        return CustomCIR(self.hparams.root)
+    def dataset(self):
+        """The dataset object (:class:`CustomCIR` or :class:`~csmcir.data.benchmarks.BenchmarkCIR`)."""
+        h = self.hparams
+        if h.dataset == "custom":
+            return CustomCIR(h.root)
+        if self._dataset is None:
+            from .benchmarks import BenchmarkCIR
+
+            self._dataset = BenchmarkCIR(h.dataset, h.root, h.category, h.captions)
+        return self._dataset
+
+    @property
+    def remove_reference(self) -> bool:
+        """Whether rankings leave each query's reference out (custom, CIRR, Shoes; not FashionIQ)."""
+        return self.hparams.dataset in ("custom", "cirr", "shoes")
+
+    def benchmark_split(self, split: str):
+        """The :class:`~csmcir.data.benchmarks.BenchmarkSplit` of a real benchmark, else ``None``."""
+        return None if self.hparams.dataset == "custom" else self.dataset().split(split)
 
     def _store(self, split: str) -> SplitStore:
         if split not in self.stores:

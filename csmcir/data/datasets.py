@@ -11,6 +11,9 @@ from .store import SplitStore
 class TrainTriplets(Dataset):
     """(reference image, modification text) -> one correct target (drawn at random each time).
 
+    The text is drawn each time from the query's ``meta["train_texts"]`` when the split has them
+    (FashionIQ's four forms); evaluation always uses ``text``.
+
     With ``hard_negatives`` = n > 0 each item also carries n of the query's listed negatives
     (drawn without replacement; a query with fewer is topped up with random gallery images).
     With ``reference_negative`` the query's own reference image (with its caption) is one more
@@ -31,10 +34,15 @@ class TrainTriplets(Dataset):
         rows = s.target_rows[i]
         t = rows[int(torch.randint(len(rows), ()))] if len(rows) > 1 else rows[0]
         r = int(s.ref_rows[i])
+        if s.train_text_ids is not None:  # one of the query's phrasings, drawn each time
+            j = int(torch.randint(s.train_text_ids.shape[1], ()))
+            q_ids, q_len = s.train_text_ids[i, j], s.train_text_lengths[i, j]
+        else:
+            q_ids, q_len = s.query_ids[i], s.query_lengths[i]
         item = {
             "ref": s.images[r],
-            "query_ids": s.query_ids[i],
-            "query_len": s.query_lengths[i],
+            "query_ids": q_ids,
+            "query_len": q_len,
             "target": s.images[t],
             "caption_ids": s.caption_ids[t],
             "caption_len": s.caption_lengths[t],

@@ -84,6 +84,10 @@ class SplitStore:
     negative_rows: list[list[int]]  # hard negatives of each query (may be empty)
     gallery_rows: torch.Tensor  # [G] long
     groups: list[str]  # per query: meta["type"] or "all"
+    # per query, the phrasings training draws from (meta["train_texts"], e.g. FashionIQ's four
+    # forms); None when no query has any. Padded by repeating the query's own text.
+    train_text_ids: torch.Tensor | None = None  # [Q, A, L] int32
+    train_text_lengths: torch.Tensor | None = None  # [Q, A]
 
     @property
     def num_queries(self) -> int:
@@ -141,7 +145,7 @@ class SplitStore:
             if missing:
                 if missing_caption == "error":
                     raise CsmcirError(
-                        f"image {missing[0]!r} has no caption in {dataset.root / 'captions.jsonl'} "
+                        f"image {missing[0]!r} has no caption in {getattr(dataset, 'captions_file', dataset.root / 'captions.jsonl')} "
                         f"({len(missing)} of split '{split}' missing; set data.missing_caption=empty to use empty captions)"
                     )
                 import warnings
@@ -151,6 +155,14 @@ class SplitStore:
             texts = [""] * len(ids)
         caption_ids, caption_lengths = tokenize(tokenizer, texts, max_text_len)
         query_ids, query_lengths = tokenize(tokenizer, [t.text for t in triplets], max_text_len)
+        train_text_ids = train_text_lengths = None
+        forms = [_train_texts(t) for t in triplets]
+        if any(len(f) > 1 or f[0] != t.text for f, t in zip(forms, triplets)):
+            width = max(len(f) for f in forms)
+            flat = [x for f in forms for x in (f + [f[0]] * (width - len(f)))]
+            ids_, lens_ = tokenize(tokenizer, flat, max_text_len)
+            train_text_ids = ids_.view(len(triplets), width, -1)
+            train_text_lengths = lens_.view(len(triplets), width)
         images = load_images(dataset, ids, image_size, desc=f"loading {split} images")
         return cls(
             split=split,
@@ -166,4 +178,16 @@ class SplitStore:
             negative_rows=negative_rows,
             gallery_rows=torch.tensor(gallery_rows, dtype=torch.long),
             groups=[str(t.meta.get("type", "all")) for t in triplets],
+            train_text_ids=train_text_ids,
+            train_text_lengths=train_text_lengths,
         )
+
+
+def _train_texts(t: Triplet) -> list[str]:
+    """The phrasings of ``t`` training draws from: ``meta["train_texts"]`` if given, else its text."""
+    forms = t.meta.get("train_texts")
+    if forms is None:
+        return [t.text]
+    if not isinstance(forms, list) or not forms or not all(isinstance(x, str) and x for x in forms):
+        raise CsmcirError(f"query {t.id!r}: meta.train_texts must be a non-empty list of non-empty strings")
+    return list(forms)

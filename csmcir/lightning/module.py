@@ -17,7 +17,7 @@ from ..config import get_model_config
 from ..losses import InfoNCELoss, same_target_mask
 from ..models import CIRDualTower
 from ..inference import CHECKPOINT_KEY
-from ..retrieval.evaluate import evaluate_embeddings
+from ..retrieval.evaluate import evaluate_embeddings, protocol_metrics
 
 CHECKPOINT_FORMAT = 1
 
@@ -161,7 +161,11 @@ class CIRModule(L.LightningModule):
             store = dm.stores[split]
             g_idx, g = self._gather(parts["gallery"])
             q_idx, q = self._gather(parts["queries"])
-            metrics = evaluate_embeddings(store, q, g, self.hparams.eval_ks, q_idx.tolist(), g_idx.tolist())
+            metrics = evaluate_embeddings(store, q, g, self.hparams.eval_ks, q_idx.tolist(), g_idx.tolist(), exclude_reference=getattr(dm, "remove_reference", True))
+            bsplit = dm.benchmark_split(split) if hasattr(dm, "benchmark_split") else None
+            if bsplit is not None:  # a real benchmark: also its official metrics, as <dataset>/<metric>
+                official = protocol_metrics(bsplit, store, q, g, q_idx.tolist(), g_idx.tolist())
+                metrics.update({f"{bsplit.dataset}/{k}": v for k, v in official.items()})
             # the stage's main split logs as val/R@1 or test/R@1; others as test/<split>/R@1
             main = dm.hparams.val_split if stage == "validate" else list(dm.hparams.test_splits)[0]
             name = prefix if split == main else f"{prefix}/{split}"

@@ -8,9 +8,11 @@ from .metrics import recall_at_k, recall_by_group, topk_rankings
 
 
 def evaluate_embeddings(
-    store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks=(1, 5, 10, 50), query_index=None, gallery_index=None, by_type: bool = True
+    store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks=(1, 5, 10, 50), query_index=None, gallery_index=None, by_type: bool = True,
+    exclude_reference: bool = True,
 ) -> dict[str, float]:
-    """Recall@K over the split's gallery (reference excluded) and R@1 per modification type.
+    """Recall@K over the split's gallery (reference excluded unless ``exclude_reference=False``)
+    and R@1 per modification type.
 
     ``query_index`` / ``gallery_index`` say which queries and gallery entries the embeddings
     belong to (all, in order, by default); with ``limit_val_batches`` or ``fast_dev_run`` only a
@@ -20,7 +22,7 @@ def evaluate_embeddings(
     g_index = list(range(len(store.gallery_rows))) if gallery_index is None else gallery_index
     grows = [int(store.gallery_rows[j]) for j in g_index]
     pos = {r: j for j, r in enumerate(grows)}
-    exclude = [pos.get(int(store.ref_rows[i])) for i in q_index]
+    exclude = [pos.get(int(store.ref_rows[i])) for i in q_index] if exclude_reference else None
     idx, _ = topk_rankings(query_emb, gallery_emb, max(ks), exclude=exclude)
     ids = store.image_ids
     rankings = [[ids[grows[j]] for j in row] for row in idx.tolist()]
@@ -31,3 +33,27 @@ def evaluate_embeddings(
         for g, v in recall_by_group(rankings, targets, groups, k=1, num_candidates=idx.shape[1]).items():
             out[f"R@1/{g}"] = v
     return out
+
+
+def protocol_metrics(bsplit, store, query_emb: torch.Tensor, gallery_emb: torch.Tensor, query_index, gallery_index) -> dict[str, float]:
+    """The benchmark's official metrics (:func:`~csmcir.retrieval.protocols.score_split`) for
+    embeddings of a :class:`~csmcir.data.benchmarks.BenchmarkSplit` held in ``store``.
+
+    Returns ``{}`` when only part of the gallery was embedded (``limit_val_batches``,
+    ``fast_dev_run``): a protocol is defined on the whole gallery. Rankings keep the reference;
+    the protocol removes it where it should. CIRR ranks the whole gallery (Recall_subset needs
+    every image-set member ranked).
+    """
+    import dataclasses
+
+    from .protocols import score_split
+
+    if len(gallery_index) < len(store.gallery_rows) or not bsplit.has_targets:
+        return {}
+    grows = [int(store.gallery_rows[j]) for j in gallery_index]
+    depth = len(grows) if bsplit.dataset == "cirr" else min(len(grows), 51)
+    idx, _ = topk_rankings(query_emb, gallery_emb, depth)
+    ids = store.image_ids
+    rankings = {store.triplets[i].id: [ids[grows[j]] for j in row] for i, row in zip(query_index, idx.tolist())}
+    embedded = dataclasses.replace(bsplit, queries=[q for q in bsplit.queries if q.id in rankings])
+    return score_split(embedded, rankings)
