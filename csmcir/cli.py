@@ -104,25 +104,32 @@ def cmd_search(a) -> None:
 
 
 # -- rank ---------------------------------------------------------------------------------------
-def cmd_rank(a) -> None:
+def _rank_with_checkpoint(a, ds, split: str, k: int) -> tuple[dict[str, list[str]], list]:
+    """Embed ``split`` of ``ds`` with checkpoint ``a.ckpt`` and rank its gallery for each query."""
     import torch
 
     from .inference import Encoder
-    from .io import atomic_write_json
     from .retrieval.embed import embed_pairs, gallery_texts
-    from .retrieval.metrics import recall_at_k, topk_rankings
+    from .retrieval.metrics import topk_rankings
 
     enc = Encoder.from_checkpoint(a.ckpt, a.device)
-    ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
-    ds.validate(a.split)
-    triplets = ds.triplets(a.split)
-    gallery = ds.gallery(a.split)
-    g = embed_pairs(enc, ds, gallery, gallery_texts(enc, ds, gallery), a.batch_size, desc=f"embedding {a.split} gallery")
-    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {a.split} queries")
+    ds.validate(split)
+    triplets = ds.triplets(split)
+    gallery = ds.gallery(split)
+    g = embed_pairs(enc, ds, gallery, gallery_texts(enc, ds, gallery), a.batch_size, desc=f"embedding {split} gallery")
+    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {split} queries")
     pos = {gid: j for j, gid in enumerate(gallery)}
     exclude = [pos.get(t.reference) for t in triplets] if ds.remove_reference else None
-    idx, _ = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), a.k, exclude=exclude)
-    rankings = {t.id: [gallery[j] for j in row] for t, row in zip(triplets, idx.tolist())}
+    idx, _ = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), k, exclude=exclude)
+    return {t.id: [gallery[j] for j in row] for t, row in zip(triplets, idx.tolist())}, triplets
+
+
+def cmd_rank(a) -> None:
+    from .io import atomic_write_json
+    from .retrieval.metrics import recall_at_k
+
+    ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
+    rankings, triplets = _rank_with_checkpoint(a, ds, a.split, a.k)
     atomic_write_json(a.out, rankings, indent=None)
     if all(t.targets for t in triplets):
         if hasattr(ds, "split"):  # a real benchmark: its official metrics
@@ -179,13 +186,19 @@ def cmd_submit(a) -> None:
     from .retrieval.protocols import circo_submission, cirr_submission, read_rankings
 
     out = ensure_writable_dir(a.out)
-    b = load_benchmark(a.dataset, a.root, a.split, images=False)
-    rankings = read_rankings(a.rankings)
+    b = load_benchmark(a.dataset, a.root, a.split, images=a.ckpt is not None)
+    if a.ckpt is not None:
+        # CIRR's image-set top 3 needs every member ranked: rank the whole gallery
+        ds = _open_dataset(a.dataset, a.root, None, a.captions)
+        rankings, _ = _rank_with_checkpoint(a, ds, a.split, len(b.gallery) if a.dataset == "cirr" else 50)
+        source = f"rankings of {a.ckpt}"
+    else:
+        rankings, source = read_rankings(a.rankings), str(a.rankings)
     if a.dataset == "cirr":
-        recall, subset = cirr_submission(b, rankings, source=str(a.rankings))
+        recall, subset = cirr_submission(b, rankings, source=source)
         files = {f"recall_submission_{a.name}.json": recall, f"recall_subset_submission_{a.name}.json": subset}
     else:
-        files = {f"submission_{a.name}.json": circo_submission(b, rankings, source=str(a.rankings))}
+        files = {f"submission_{a.name}.json": circo_submission(b, rankings, source=source)}
     for name, data in files.items():  # everything validated before the first file is written
         atomic_write_json(out / name, data, indent=None)
     print(f"wrote {', '.join(files)} ({len(b.queries)} queries) to {out}")
@@ -286,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit",
         help="write test-server submission files from a rankings file (CIRR test1, CIRCO test)",
         description=(
-            "CIRR test1: recall_submission_<name>.json (top 50, reference excluded) and "
+            "From a rankings file or a checkpoint. CIRR test1: recall_submission_<name>.json (top 50, reference excluded) and "
             "recall_subset_submission_<name>.json (top 3 of the image set), every pairid, checked against "
             "the 5 MB limit. CIRCO test: submission_<name>.json, every id with 50 unique image ids. "
             "Nothing is written unless every query is valid."
@@ -295,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, choices=["cirr", "circo"])
     s.add_argument("--root", required=True, help="the dataset's folder in its release layout")
     s.add_argument("--split", required=True, help="cirr: test1; circo: test")
-    s.add_argument("--rankings", required=True, help="rankings JSON (e.g. `csmcir rank` output, deep enough for CIRR's image sets)")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--rankings", help="rankings JSON (e.g. `csmcir rank` output, deep enough for CIRR's image sets)")
+    source.add_argument("--ckpt", help="rank with this checkpoint instead (the whole gallery for CIRR)")
+    s.add_argument("--captions", help="caption file for the checkpoint's target side (default ROOT/captions.jsonl)")
+    s.add_argument("--device", default="auto", help="with --ckpt: auto, cpu, cuda, ...")
+    s.add_argument("--batch-size", type=int, default=256, help="with --ckpt: images per forward pass")
     s.add_argument("--out", required=True, help="folder for the submission files")
     s.add_argument("--name", default="csmcir", help="suffix of the file names (default csmcir)")
     s.set_defaults(func=cmd_submit)

@@ -224,8 +224,9 @@ def test_circo_submission_file(tmp_path):
 
 
 def test_fit_on_shoes_logs_official_metrics_and_rank_agrees(tmp_path, capsys):
-    """A fit on the Shoes layout (placeholder images, no captions: target_text none) validates
-    by Shoes' protocol, and `rank` with its checkpoint reports the same numbers."""
+    """A fit with configs/shoes.yaml on the Shoes layout (placeholder images, no captions:
+    target_text none) validates by Shoes' protocol, and `rank` with its checkpoint reports the
+    same numbers."""
     import csv
 
     import numpy as np
@@ -239,8 +240,8 @@ def test_fit_on_shoes_logs_official_metrics_and_rank_agrees(tmp_path, capsys):
     for name in sorted(names):
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "womens" / name, format="PNG")
     run = tmp_path / "run"
-    args = ["fit", "--model.model", "tiny", "--data.dataset", "shoes", "--data.root", str(root),
-            "--data.synthetic", "false", "--data.val_split", "test", "--data.test_splits", "[test]",
+    repo = Path(__file__).resolve().parents[1]
+    args = ["fit", "--config", str(repo / "configs" / "shoes.yaml"), "--model.model", "tiny", "--data.root", str(root),
             "--data.target_text", "none", "--data.image_size", "16", "--data.batch_size", "16",
             "--data.eval_batch_size", "512", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
             "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(run),
@@ -263,3 +264,32 @@ def test_fit_on_shoes_logs_official_metrics_and_rank_agrees(tmp_path, capsys):
     for k in ("R@1", "R@10", "R@50"):
         assert m[k] == pytest.approx(logged[f"val/shoes/{k}"], abs=0.06)
         assert f"{k} {m[k]:.2f}" in printed
+
+
+@pytest.mark.parametrize("name", ["cirr", "fashioniq", "shoes"])
+def test_benchmark_configs_parse(name, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(repo / "configs" / f"{name}.yaml"), "--print_config"])
+    assert e.value.code == 0
+    assert f"dataset: {name}" in capsys.readouterr().out
+
+
+def test_cirr_submission_from_a_checkpoint(trained, tmp_path, png_bytes):
+    """`submit --ckpt` ranks test1 itself (whole gallery, reference excluded) and writes both files."""
+    root = tmp_path / "cirr"
+    shutil.copytree(CIRR / "cirr", root / "cirr")
+    split = json.loads((CIRR / "cirr" / "image_splits" / "split.rc2.test1.json").read_text())
+    for rel in split.values():
+        _placeholder(root / rel, png_bytes)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"image_id": n, "levels": {}, "final": "a photo"}) + "\n" for n in split))
+    out = tmp_path / "sub"
+    assert main(["submit", "--dataset", "cirr", "--root", str(root), "--split", "test1", "--ckpt", str(trained / "last.ckpt"),
+                 "--captions", str(caps), "--device", "cpu", "--out", str(out)]) == 0
+    b = load_benchmark("cirr", root, "test1", images=False)
+    recall = json.loads((out / "recall_submission_csmcir.json").read_text())
+    subset = json.loads((out / "recall_subset_submission_csmcir.json").read_text())
+    for q in b.queries:
+        assert len(recall[q.id]) == 50 and q.reference not in recall[q.id]
+        assert len(subset[q.id]) == 3 and set(subset[q.id]) <= set(q.members) - {q.reference}
