@@ -104,15 +104,19 @@ def cmd_search(a) -> None:
 
 
 # -- rank ---------------------------------------------------------------------------------------
-def _rank_with_checkpoint(a, ds, split: str, k: int) -> tuple[dict[str, list[str]], list]:
-    """Embed ``split`` of ``ds`` with checkpoint ``a.ckpt`` and rank its gallery for each query."""
+def _load_encoder(a):
+    from .inference import Encoder
+
+    return Encoder.from_checkpoint(a.ckpt, a.device)
+
+
+def _rank_with_checkpoint(enc, a, ds, split: str, k: int) -> tuple[dict[str, list[str]], list]:
+    """Embed ``split`` of ``ds`` with encoder ``enc`` and rank its gallery for each query."""
     import torch
 
-    from .inference import Encoder
     from .retrieval.embed import embed_pairs, gallery_texts
     from .retrieval.metrics import topk_rankings
 
-    enc = Encoder.from_checkpoint(a.ckpt, a.device)
     ds.validate(split)
     triplets = ds.triplets(split)
     gallery = ds.gallery(split)
@@ -128,8 +132,9 @@ def cmd_rank(a) -> None:
     from .io import atomic_write_json
     from .retrieval.metrics import recall_at_k
 
+    enc = _load_encoder(a)  # a bad checkpoint is reported before any dataset is read
     ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
-    rankings, triplets = _rank_with_checkpoint(a, ds, a.split, a.k)
+    rankings, triplets = _rank_with_checkpoint(enc, a, ds, a.split, a.k)
     atomic_write_json(a.out, rankings, indent=None)
     if all(t.targets for t in triplets):
         if hasattr(ds, "split"):  # a real benchmark: its official metrics
@@ -185,12 +190,13 @@ def cmd_submit(a) -> None:
     from .io import atomic_write_json, ensure_writable_dir
     from .retrieval.protocols import circo_submission, cirr_submission, read_rankings
 
+    enc = _load_encoder(a) if a.ckpt is not None else None
     out = ensure_writable_dir(a.out)
     b = load_benchmark(a.dataset, a.root, a.split, images=a.ckpt is not None)
-    if a.ckpt is not None:
+    if enc is not None:
         # CIRR's image-set top 3 needs every member ranked: rank the whole gallery
         ds = _open_dataset(a.dataset, a.root, None, a.captions)
-        rankings, _ = _rank_with_checkpoint(a, ds, a.split, len(b.gallery) if a.dataset == "cirr" else 50)
+        rankings, _ = _rank_with_checkpoint(enc, a, ds, a.split, len(b.gallery) if a.dataset == "cirr" else 50)
         source = f"rankings of {a.ckpt}"
     else:
         rankings, source = read_rankings(a.rankings), str(a.rankings)
