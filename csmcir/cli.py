@@ -26,8 +26,6 @@ def _open_dataset(name: str, root: str, category: str | None = None, captions: s
         raise CsmcirError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     if name in ("custom", "synthetic"):
         return CustomCIR(root)
-    if name == "fashioniq" and category is None:
-        raise CsmcirError("fashioniq needs --category (dress, shirt or toptee)")
     return BenchmarkCIR(name, root, category, captions)
 
 
@@ -156,19 +154,12 @@ def cmd_rank(a) -> None:
 
 # -- evaluate -----------------------------------------------------------------------------------
 def cmd_evaluate(a) -> None:
-    from .data.benchmarks import FASHIONIQ_CATEGORIES, load_benchmark
-    from .retrieval.protocols import fashioniq_metrics, read_rankings, score_split
+    from .data.benchmarks import load_benchmark
+    from .retrieval.protocols import read_rankings, score_split
 
     rankings = read_rankings(a.rankings)
-    if a.dataset == "fashioniq" and a.category is None:
-        # all three categories: the rankings file keys queries as "<category>/<id>"
-        per_cat = {}
-        for cat in FASHIONIQ_CATEGORIES:
-            sub = {k.split("/", 1)[1]: v for k, v in rankings.items() if k.startswith(cat + "/")}
-            per_cat[cat] = score_split(load_benchmark("fashioniq", a.root, a.split, cat, images=False), sub, source=f"{a.rankings} ({cat}/...)")
-        out = fashioniq_metrics(per_cat)
-    else:
-        out = score_split(load_benchmark(a.dataset, a.root, a.split, a.category, images=False), rankings, source=str(a.rankings))
+    # FashionIQ without --category: all three, keys "<category>/<id>", each within its category
+    out = score_split(load_benchmark(a.dataset, a.root, a.split, a.category, images=False), rankings, source=str(a.rankings))
     print(json.dumps({k: round(v, 4) for k, v in out.items()}))
 
 

@@ -293,3 +293,70 @@ def test_cirr_submission_from_a_checkpoint(trained, tmp_path, png_bytes):
     for q in b.queries:
         assert len(recall[q.id]) == 50 and q.reference not in recall[q.id]
         assert len(subset[q.id]) == 3 and set(subset[q.id]) <= set(q.members) - {q.reference}
+
+
+def test_fashioniq_all_three_ranks_each_query_within_its_category(tmp_path, capsys):
+    b = load_benchmark("fashioniq", FIQ, "val", images=False)
+    assert len(b.queries) == 2017 + 2038 + 1961 and set(b.sub_galleries) == {"dress", "shirt", "toptee"}
+    other = {c: [g for c2, gal in b.sub_galleries.items() if c2 != c for g in gal if g not in set(b.sub_galleries[c])][:30] for c in b.sub_galleries}
+    rankings = {}
+    for q in b.queries:
+        cat = q.id.split("/")[0]
+        own = [g for g in b.sub_galleries[cat] if g not in q.targets][:60]
+        # other categories' images first (dropped by the protocol), then 9 own, then the target:
+        # rank 10 within the category
+        rankings[q.id] = other[cat] + own[:9] + [q.targets[0]] + own[9:50]
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(rankings))
+    code, m = _evaluate(capsys, "--dataset", "fashioniq", "--root", str(FIQ), "--split", "val", "--rankings", str(f))
+    assert code == 0
+    assert m["mean/R@10"] == 100.0 and m["dress/R@10"] == 100.0 and m["mean"] == 100.0
+
+
+def test_data_check_circo(tmp_path, capsys, png_bytes):
+    root = tmp_path / "circo"
+    shutil.copytree(CIRCO / "annotations", root / "annotations")
+    b = load_benchmark("circo", root, "val", images=False)
+    ids = sorted({int(x) for q in b.queries for x in (q.reference, *q.targets)} | set(range(1, 200)))
+    info = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]}))
+    for i in ids:
+        _placeholder(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg", png_bytes)
+    code, report, _ = _check(capsys, "--dataset", "circo", "--root", str(root), "--split", "val")
+    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (220, len(ids), 0)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d[5].__setitem__("captions", "not a list"), "entry 5: 'captions' must be list, got str"),
+    (lambda d: d[2].pop("candidate"), "entry 2 has no 'candidate'"),
+    (lambda d: d.__setitem__(7, ["a list"]), "entry 7 is list, expected an object"),
+])
+def test_malformed_fashioniq_entries(tmp_path, capsys, damage, message):
+    root = tmp_path / "fiq"
+    shutil.copytree(FIQ / "captions", root / "captions")
+    shutil.copytree(FIQ / "image_splits", root / "image_splits")
+    cap = root / "captions" / "cap.dress.val.json"
+    data = json.loads(cap.read_text())
+    damage(data)
+    cap.write_text(json.dumps(data))
+    f = tmp_path / "r.json"
+    f.write_text("{}")
+    code, err = _evaluate(capsys, "--dataset", "fashioniq", "--root", str(root), "--split", "val", "--category", "dress", "--rankings", str(f))
+    assert code == 2 and err.strip() == f"error: {cap}: {message}"
+
+
+def test_duplicate_and_truncated_annotations(tmp_path, capsys):
+    root = tmp_path / "circo"
+    shutil.copytree(CIRCO / "annotations", root / "annotations")
+    ann = root / "annotations" / "val.json"
+    data = json.loads(ann.read_text())
+    data[9]["id"] = data[4]["id"]
+    ann.write_text(json.dumps(data))
+    f = tmp_path / "r.json"
+    f.write_text("{}")
+    code, err = _evaluate(capsys, "--dataset", "circo", "--root", str(root), "--split", "val", "--rankings", str(f))
+    assert code == 2 and err.strip() == f"error: {ann}: query id '{data[4]['id']}' appears twice"
+    ann.write_text(json.dumps(data)[:1000])
+    code, err = _evaluate(capsys, "--dataset", "circo", "--root", str(root), "--split", "val", "--rankings", str(f))
+    assert code == 2 and err.startswith(f"error: {ann}: not valid JSON")

@@ -56,6 +56,8 @@ class BenchmarkSplit:
     image_pattern: str | None = None  # else: root / pattern.format(id=...)
     root: Path = Path(".")
     category: str | None = None
+    # FashionIQ's three categories together: each category's own gallery (query ids "<cat>/<n>")
+    sub_galleries: dict[str, list[str]] | None = None
 
     @property
     def has_targets(self) -> bool:
@@ -153,6 +155,23 @@ def load_fashioniq(root: Path, split: str, category: str) -> BenchmarkSplit:
     if not isinstance(gallery, list) or not all(isinstance(g, str) for g in gallery):
         raise CsmcirError(f"{img_path}: expected a JSON list of image names")
     return BenchmarkSplit("fashioniq", split, queries, gallery, remove_reference=False, image_pattern="images/{id}.jpg", root=root, category=category)
+
+
+def load_fashioniq_all(root: Path, split: str) -> BenchmarkSplit:
+    """The three categories as one split: query ids ``<category>/<n>``, the union of the
+    categories' galleries, and each category's gallery kept for its protocol (a query is ranked
+    within its own category)."""
+    parts = {c: load_fashioniq(root, split, c) for c in FASHIONIQ_CATEGORIES}
+    queries = [
+        BenchmarkQuery(f"{c}/{q.id}", q.reference, q.text, q.targets, q.train_texts)
+        for c, b in parts.items()
+        for q in b.queries
+    ]
+    gallery = list(dict.fromkeys(g for b in parts.values() for g in b.gallery))
+    return BenchmarkSplit(
+        "fashioniq", split, queries, gallery, remove_reference=False, image_pattern="images/{id}.jpg", root=root,
+        sub_galleries={c: b.gallery for c, b in parts.items()},
+    )
 
 
 # ----------------------------------------------------------------------------------------- CIRR
@@ -258,7 +277,7 @@ def load_benchmark(name: str, root: str | Path, split: str, category: str | None
     root = Path(root)
     if name == "fashioniq":
         if category is None:
-            raise CsmcirError("fashioniq needs --category (dress, shirt or toptee)")
+            return load_fashioniq_all(root, split)
         return load_fashioniq(root, split, category)
     if category is not None:
         raise CsmcirError(f"{name} has no categories (--category is for fashioniq)")
@@ -365,7 +384,12 @@ class BenchmarkCIR:
             negatives: tuple[str, ...] = ()
             if self.name == "cirr" and split == "train" and q.members:
                 negatives = tuple(m for m in q.members if m != q.reference and m not in q.targets)
-            meta = {"type": self.category} if self.category else {}
+            if self.category:
+                meta = {"type": self.category}
+            elif self.name == "fashioniq":
+                meta = {"type": q.id.split("/", 1)[0]}
+            else:
+                meta = {}
             if len(q.train_texts) > 1:
                 meta["train_texts"] = list(q.train_texts)
             out.append(Triplet(q.id, q.reference, q.text, tuple(q.targets), meta, negatives))

@@ -24,7 +24,8 @@ class CIRDataModule(L.LightningDataModule):
             in its release layout: ``fashioniq`` (with ``category``), ``cirr``, ``shoes``
             (``csmcir evaluate --help`` lists the layouts). Validation then also logs the official
             metrics as ``val/<dataset>/<metric>``.
-        category: FashionIQ category (dress, shirt, toptee).
+        category: FashionIQ category (dress, shirt, toptee); ``null`` = all three (query ids
+            ``<category>/<n>``, one gallery for training, each category scored in its own).
         captions: target-side caption file for a real benchmark (``captions.jsonl`` format, e.g.
             from MCoT captioning); default ``root/captions.jsonl``.
         synthetic: if ``root`` is missing or empty, generate the synthetic benchmark there first

@@ -51,7 +51,8 @@ def protocol_metrics(bsplit, store, query_emb: torch.Tensor, gallery_emb: torch.
     if len(gallery_index) < len(store.gallery_rows) or not bsplit.has_targets:
         return {}
     grows = [int(store.gallery_rows[j]) for j in gallery_index]
-    depth = len(grows) if bsplit.dataset == "cirr" else min(len(grows), 51)
+    # CIRR's subsets and FashionIQ's per-category rankings filter the ranking: rank everything
+    depth = len(grows) if bsplit.dataset == "cirr" or bsplit.sub_galleries else min(len(grows), 51)
     idx, _ = topk_rankings(query_emb, gallery_emb, depth)
     ids = store.image_ids
     rankings = {store.triplets[i].id: [ids[grows[j]] for j in row] for i, row in zip(query_index, idx.tolist())}

@@ -247,7 +247,18 @@ def score_split(split, rankings: Mapping[str, Sequence[str]], source: str = "ran
     qs = split.queries
     refs = {q.id: q.reference for q in qs}
     if split.dataset == "fashioniq":
-        return recall_at_k(rankings, {q.id: q.targets for q in qs}, (10, 50), source=source)
+        if split.sub_galleries is None:
+            return recall_at_k(rankings, {q.id: q.targets for q in qs}, (10, 50), source=source)
+        # all three categories: each query ranked within its own category's gallery
+        per_cat = {}
+        for cat, gallery in split.sub_galleries.items():
+            keep = set(gallery)
+            cat_qs = [q for q in qs if q.id.startswith(cat + "/")]
+            if not cat_qs:
+                continue
+            sub = {q.id: [g for g in _ranked(rankings, q.id, source) if g in keep] for q in cat_qs}
+            per_cat[cat] = recall_at_k(sub, {q.id: q.targets for q in cat_qs}, (10, 50), source=source)
+        return fashioniq_metrics(per_cat)
     if split.dataset == "cirr":
         return cirr_metrics(rankings, {q.id: q.targets[0] for q in qs}, {q.id: q.members for q in qs}, refs, source=source)
     if split.dataset == "circo":
