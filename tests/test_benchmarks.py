@@ -360,3 +360,26 @@ def test_duplicate_and_truncated_annotations(tmp_path, capsys):
     ann.write_text(json.dumps(data)[:1000])
     code, err = _evaluate(capsys, "--dataset", "circo", "--root", str(root), "--split", "val", "--rankings", str(f))
     assert code == 2 and err.startswith(f"error: {ann}: not valid JSON")
+
+
+def test_evaluate_rejects_unknown_query_ids(tmp_path, capsys):
+    b = load_benchmark("shoes", SHOES, "test", images=False)
+    rankings = {q.id: [q.targets[0]] + [f"x{i}" for i in range(50)] for q in b.queries}
+    rankings["99999"] = ["a"] * 50
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(rankings))
+    code, err = _evaluate(capsys, "--dataset", "shoes", "--root", str(SHOES), "--split", "test", "--rankings", str(f))
+    assert code == 2
+    assert err.strip() == f"error: {f}: query '99999' is not a query of shoes test (1 unknown ids; wrong split or dataset?)"
+
+
+@pytest.mark.parametrize("cat,queries,gallery", [("shirt", 2038, 6346), ("toptee", 1961, 5373)])
+def test_data_check_fashioniq_other_categories(tmp_path, capsys, png_bytes, cat, queries, gallery):
+    fiq = tmp_path / "fiq"
+    shutil.copytree(FIQ / "captions", fiq / "captions")
+    shutil.copytree(FIQ / "image_splits", fiq / "image_splits")
+    b = load_benchmark("fashioniq", fiq, "val", cat, images=False)
+    for image_id in {*b.gallery, *(q.reference for q in b.queries), *(t for q in b.queries for t in q.targets)}:
+        _placeholder(fiq / "images" / f"{image_id}.jpg", png_bytes)
+    code, report, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(fiq), "--split", "val", "--category", cat, "--quick")
+    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (queries, gallery, 0)

@@ -245,6 +245,13 @@ def score_split(split, rankings: Mapping[str, Sequence[str]], source: str = "ran
             "(see `csmcir submit`)"
         )
     qs = split.queries
+    known = {q.id for q in qs}
+    unknown = [qid for qid in rankings if qid not in known]
+    if unknown:
+        raise ProtocolError(
+            f"{source}: query {unknown[0]!r} is not a query of {split.dataset} {split.split}"
+            f"{f' {split.category}' if split.category else ''} ({len(unknown)} unknown ids; wrong split or dataset?)"
+        )
     refs = {q.id: q.reference for q in qs}
     if split.dataset == "fashioniq":
         if split.sub_galleries is None:
