@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "submit",
-        help="write test-server submission files from a rankings file (CIRR test1, CIRCO test)",
+        help="write test-server submission files (CIRR test1, CIRCO test) from rankings or a checkpoint",
         description=(
             "From a rankings file or a checkpoint. CIRR test1: recall_submission_<name>.json (top 50, reference excluded) and "
             "recall_subset_submission_<name>.json (top 3 of the image set), every pairid, checked against "
