@@ -50,3 +50,16 @@ def test_ddp_validation_equals_single_process(easy_bench, trained, tmp_path):
     assert set(one) == set(two) and len(one) > 4
     for k in one:
         assert two[k] == pytest.approx(one[k], abs=0.34), k
+
+
+def test_ddp_ranks_end_with_identical_memory_banks(easy_bench, tmp_path):
+    out = tmp_path / "ddp_bank"
+    _cli(fit_args(easy_bench, out, *DDP, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+                  "--trainer.limit_val_batches", "1", "--model.memory_bank", '{"capacity": 256, "max_age": 10}'), tmp_path)
+    rows = []
+    for f in sorted(out.glob("lightning_logs/version_*/metrics.csv")):
+        rows += [r for r in csv.DictReader(open(f)) if r.get("train/bank_rank_mismatch")]
+    assert rows and float(rows[-1]["train/bank_rank_mismatch"]) == 0.0
+    bank_ids = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]["bank.ids"]
+    # 4 steps x 2 ranks x 16 queries: 128 entries only if both ranks' positives were gathered
+    assert int((bank_ids >= 0).sum()) == 128

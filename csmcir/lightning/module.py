@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from ..config import get_model_config
-from ..losses import InfoNCELoss, same_target_mask
+from ..losses import InfoNCELoss, MemoryBank, same_target_mask
 from ..models import CIRDualTower
 from ..inference import CHECKPOINT_KEY
 from ..retrieval.evaluate import evaluate_embeddings, protocol_metrics
@@ -37,6 +37,10 @@ class CIRModule(L.LightningModule):
             on the synthetic default, docs/benchmarks.md section 2, s5).
         gather_negatives: under DDP, use every rank's targets as negatives (gradients flow back
             to the rank that computed them).
+        memory_bank: ``null`` (default: in-batch negatives only) or the options of
+            :class:`~csmcir.losses.MemoryBank` (``capacity``, ``max_age``, ``half_life``,
+            ``min_fraction``): target embeddings of earlier steps as extra negatives, weighted by
+            age and selected by each query's entropy. Experimental: not yet ablated.
         eval_ks: the K of the logged Recall@K.
     """
 
@@ -52,6 +56,7 @@ class CIRModule(L.LightningModule):
         learn_temperature: bool = True,
         bidirectional: bool = True,
         gather_negatives: bool = True,
+        memory_bank: dict[str, Any] | None = None,
         eval_ks: list[int] = [1, 5, 10, 50],
     ):
         super().__init__()
@@ -59,6 +64,9 @@ class CIRModule(L.LightningModule):
         self.model_config = get_model_config(model, model_overrides)
         self.model = CIRDualTower(self.model_config)
         self.loss = InfoNCELoss(temperature, learn_temperature, bidirectional=bidirectional)
+        # extra negatives from earlier steps (csmcir/losses/memory_bank.py); off by default until
+        # its ablation shows it helps
+        self.bank = MemoryBank(self.model_config.embed_dim, **memory_bank) if memory_bank else None
         self._eval: dict[str, dict[str, list]] = {}
 
     # -- training ----------------------------------------------------------------------------
@@ -93,12 +101,42 @@ class CIRModule(L.LightningModule):
                 neg = self.all_gather(neg, sync_grads=True).flatten(0, 1)
                 neg_rows = self.all_gather(neg_rows).flatten(0, 1)
             offset = self.global_rank * bs
+        gathered = offset > 0 or (self.hparams.gather_negatives and self.trainer.world_size > 1)
         cand = torch.cat([t, neg])
         cand_rows = torch.cat([target_rows, neg_rows])
-        loss = self.loss(q, cand, same_target_mask(cand_rows, batch["all_targets"]), query_offset=offset)
+        mask = same_target_mask(cand_rows, batch["all_targets"])
+        extra = extra_bias = None
+        if self.bank is not None:
+            step = int(self.global_step)
+            self.bank.evict(step)
+            scale = self.loss.scale
+            with torch.no_grad():
+                batch_logits = scale * q.detach() @ cand.detach().t()
+                fn = mask.clone()
+                fn[torch.arange(bs, device=fn.device), offset + torch.arange(bs, device=fn.device)] = False
+                batch_logits = batch_logits.masked_fill(fn, float("-inf"))
+            # a copy: the enqueue below writes the buffer before backward needs it
+            extra, extra_bias = self.bank.emb.clone(), self.bank.bias(q, scale, batch["all_targets"], step, batch_logits)
+            self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
+        loss = self.loss(q, cand, mask, query_offset=offset, extra=extra, extra_bias=extra_bias)
+        if self.bank is not None:
+            # every rank enqueues the same, gathered positives, so the banks stay identical
+            bank_t, bank_rows = t.detach(), target_rows
+            if not gathered and self.trainer.world_size > 1:
+                bank_t = self.all_gather(bank_t).flatten(0, 1)
+                bank_rows = self.all_gather(bank_rows).flatten(0, 1)
+            self.bank.enqueue(bank_t, bank_rows, int(self.global_step))
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", self.loss.temperature, batch_size=bs)
         return loss
+
+    def on_train_epoch_end(self):
+        if self.bank is not None and self.trainer.world_size > 1:
+            # every rank must hold the same bank: log the largest difference to any other rank
+            ids = self.all_gather(self.bank.ids)
+            emb = self.all_gather(self.bank.emb)
+            diff = max(float((ids != ids[0]).sum()), float((emb - emb[0]).abs().max()))
+            self.log("train/bank_rank_mismatch", diff, rank_zero_only=True, sync_dist=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

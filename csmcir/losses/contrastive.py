@@ -35,13 +35,17 @@ def info_nce(
     positive_mask: torch.Tensor | None = None,
     bidirectional: bool = False,
     query_offset: int = 0,
+    extra: torch.Tensor | None = None,
+    extra_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE loss; ``query [Bq, D]`` against ``target [Bt, D]`` (both L2-normalised).
 
     The positive of local query ``i`` is target ``query_offset + i`` (``query_offset`` > 0 when
     targets were gathered from several processes and this rank's come after others').
     ``positive_mask [Bq, Bt]`` marks every target that is a correct answer of query ``i``;
-    all but the designated positive are excluded from the denominator.
+    all but the designated positive are excluded from the denominator. ``extra [K, D]`` are
+    further negatives of the query-to-target direction only (a memory bank), their logits shifted
+    by ``extra_bias [Bq, K]`` (``-inf`` excludes an entry for that query).
     """
     bq = query.shape[0]
     labels = torch.arange(bq, device=query.device) + query_offset
@@ -50,6 +54,11 @@ def info_nce(
         fn = positive_mask.clone()
         fn[torch.arange(bq, device=query.device), labels] = False
         logits = logits.masked_fill(fn, float("-inf"))
+    if extra is not None:
+        bank = logit_scale.exp() * query @ extra.t()
+        if extra_bias is not None:
+            bank = bank + extra_bias
+        logits = torch.cat([logits, bank], dim=1)
     loss = F.cross_entropy(logits, labels)
     if bidirectional:
         # target -> query over this rank's queries: only the targets that are this rank's positives
@@ -77,6 +86,11 @@ class InfoNCELoss(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.logit_scale.detach().clamp(max=self.max_log_scale).exp())
 
-    def forward(self, query, target, positive_mask=None, query_offset: int = 0):
+    @property
+    def scale(self) -> float:
+        """The current inverse temperature (detached)."""
+        return float(self.logit_scale.detach().clamp(max=self.max_log_scale).exp())
+
+    def forward(self, query, target, positive_mask=None, query_offset: int = 0, extra=None, extra_bias=None):
         scale = self.logit_scale.clamp(max=self.max_log_scale)
-        return info_nce(query, target, scale, positive_mask, self.bidirectional, query_offset)
+        return info_nce(query, target, scale, positive_mask, self.bidirectional, query_offset, extra, extra_bias)

@@ -1,0 +1,109 @@
+"""A memory bank of target-side negatives, weighted by age and selected by query entropy.
+
+Rule (``docs/memory_bank.md`` will carry the measurements; this is the definition):
+
+* The bank is a ring buffer of ``capacity`` detached, L2-normalised target embeddings ``m_j``
+  with their target ids and the global step ``s_j`` at which they were computed.
+* **Age.** At step ``s`` entry ``j`` has age ``a_j = s - s_j``. Entries with ``a_j > max_age``
+  are evicted. A kept entry enters the softmax denominator with weight
+  ``w_j = 2 ** (-a_j / half_life)``, i.e. its logit gets ``+ log w_j``: a stale embedding (made
+  by an older model) counts less than a fresh one.
+* **False negatives.** An entry whose id is one of query ``i``'s correct targets is excluded
+  (datasets list identical scenes and several correct answers as targets, so content-equal
+  entries are covered by the same ids).
+* **Entropy.** For query ``i`` let ``p_i`` be the softmax of its scaled similarities over the
+  in-batch candidates and the kept bank entries, and ``h_i = H(p_i) / log(n_i)`` its normalised
+  entropy in [0, 1]. Query ``i`` keeps its ``k_i = ceil(n_bank * (min_fraction + (1 -
+  min_fraction) * h_i))`` most similar bank entries: a confident query (low entropy) gets only
+  the hardest negatives, an uncertain one a broad set. Selection is computed without gradient.
+
+The bank never imports Lightning; the LightningModule gathers embeddings across ranks before
+:meth:`MemoryBank.enqueue`, so every rank holds the same bank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["MemoryBank"]
+
+
+class MemoryBank(nn.Module):
+    """Ring buffer of detached target embeddings; its buffers live in checkpoints.
+
+    Args:
+        dim: embedding size.
+        capacity: entries kept (the oldest are overwritten first).
+        max_age: entries older than this many steps are evicted.
+        half_life: steps after which an entry's weight in the denominator halves.
+        min_fraction: the share of the bank a zero-entropy query still keeps (its hardest).
+    """
+
+    def __init__(self, dim: int, capacity: int = 4096, max_age: int = 200, half_life: float = 100.0, min_fraction: float = 0.25):
+        super().__init__()
+        if capacity < 1 or max_age < 0 or half_life <= 0 or not 0 < min_fraction <= 1:
+            raise ValueError("memory bank needs capacity >= 1, max_age >= 0, half_life > 0, 0 < min_fraction <= 1")
+        self.capacity, self.max_age, self.half_life, self.min_fraction = capacity, max_age, float(half_life), min_fraction
+        self.register_buffer("emb", torch.zeros(capacity, dim))
+        self.register_buffer("ids", torch.full((capacity,), -1, dtype=torch.long))
+        self.register_buffer("steps", torch.zeros(capacity, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    # -- contents ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def enqueue(self, emb: torch.Tensor, ids: torch.Tensor, step: int) -> None:
+        """Write ``emb [N, D]`` (detached) with ``ids [N]`` at ``step``, oldest slots first."""
+        emb, ids = emb.detach()[-self.capacity :], ids.detach()[-self.capacity :]
+        n = emb.shape[0]
+        slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.capacity
+        self.emb[slots] = emb.to(self.emb.dtype)
+        self.ids[slots] = ids.to(self.ids.device, torch.long)
+        self.steps[slots] = int(step)
+        self.ptr.fill_(int((self.ptr + n) % self.capacity))
+
+    @torch.no_grad()
+    def evict(self, step: int) -> int:
+        """Drop entries older than ``max_age``; returns how many were dropped."""
+        old = (self.ids >= 0) & (int(step) - self.steps > self.max_age)
+        self.ids[old] = -1
+        return int(old.sum())
+
+    def valid(self) -> torch.Tensor:
+        return self.ids >= 0
+
+    def __len__(self) -> int:
+        return int(self.valid().sum())
+
+    def log_age_weights(self, step: int) -> torch.Tensor:
+        """``log w_j = -(step - s_j) / half_life * log 2`` for every slot."""
+        age = (int(step) - self.steps).clamp(min=0).to(self.emb.dtype)
+        return -age / self.half_life * math.log(2.0)
+
+    # -- the loss' extra negatives ----------------------------------------------------------
+    def bias(self, query: torch.Tensor, scale: float, all_targets: torch.Tensor, step: int, batch_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, capacity]`` additive bias for the bank's logits ``scale * query @ emb.T``:
+        ``log w_j`` for selected entries, ``-inf`` for empty, evicted, false-negative or
+        unselected ones. ``batch_logits [B, Bt]`` (the in-batch logits, ``-inf`` where masked)
+        join the entropy; no gradient flows through the selection."""
+        with torch.no_grad():
+            b = query.shape[0]
+            sims = scale * query.detach() @ self.emb.t()
+            bias = self.log_age_weights(step).expand(b, -1).clone()
+            excluded = ~self.valid()[None, :] | (int(step) - self.steps > self.max_age)[None, :]
+            excluded = excluded | (all_targets[:, :, None] == self.ids[None, None, :]).any(1)
+            bias[excluded.expand(b, -1)] = float("-inf")
+            logits = sims + bias
+            full = logits if batch_logits is None else torch.cat([batch_logits.detach(), logits], 1)
+            p = torch.softmax(full, dim=1)
+            n = torch.isfinite(full).sum(1).clamp(min=2).to(p.dtype)
+            h = -(p * torch.log(p.clamp_min(1e-30))).sum(1) / torch.log(n)
+            n_bank = torch.isfinite(logits).sum(1)
+            k = torch.ceil(n_bank * (self.min_fraction + (1 - self.min_fraction) * h.clamp(0, 1))).long()
+            order = logits.argsort(dim=1, descending=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+            bias[rank >= k[:, None]] = float("-inf")
+            return bias

@@ -1,0 +1,106 @@
+"""The memory bank: ring order, eviction, age decay, entropy selection, masking, checkpoints."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csmcir.losses import MemoryBank, info_nce
+
+
+def _bank(**kw):
+    kw = {"capacity": 4, "max_age": 10, "half_life": 5.0, "min_fraction": 0.25, **kw}
+    return MemoryBank(2, **kw)
+
+
+def test_enqueue_overwrites_the_oldest_first():
+    b = _bank()
+    b.enqueue(torch.eye(2)[[0, 1, 0]], torch.tensor([1, 2, 3]), step=0)
+    b.enqueue(torch.eye(2)[[1, 1]], torch.tensor([4, 5]), step=1)
+    # slots 0..3 were filled 1,2,3 then 4 (slot 3) and 5 (slot 0, the oldest)
+    assert b.ids.tolist() == [5, 2, 3, 4] and b.steps.tolist() == [1, 0, 0, 1] and len(b) == 4
+    b.enqueue(torch.eye(2)[[0] * 6], torch.arange(10, 16), step=2)  # more than capacity: the last 4
+    assert sorted(b.ids.tolist()) == [12, 13, 14, 15]
+
+
+def test_entries_past_max_age_are_evicted_and_weights_decay():
+    b = _bank()
+    b.enqueue(torch.eye(2)[[0, 1]], torch.tensor([1, 2]), step=0)
+    b.enqueue(torch.eye(2)[[0]], torch.tensor([3]), step=8)
+    lw = b.log_age_weights(step=10)
+    assert lw[0].item() == pytest.approx(-10 / 5 * math.log(2))  # age 10: weight 1/4
+    assert lw[2].item() == pytest.approx(-2 / 5 * math.log(2))
+    assert b.evict(step=10) == 0 and b.evict(step=11) == 2
+    assert b.ids.tolist()[:3] == [-1, -1, 3]
+
+
+def test_false_negatives_and_empty_slots_are_excluded():
+    b = _bank(min_fraction=1.0)
+    b.enqueue(F.normalize(torch.randn(3, 2), dim=1), torch.tensor([7, 8, 9]), step=0)
+    bias = b.bias(F.normalize(torch.randn(2, 2), dim=1), 10.0, torch.tensor([[8, -1], [5, 6]]), step=0)
+    assert torch.isinf(bias[0, 1]) and torch.isfinite(bias[0, [0, 2]]).all()  # query 0 accepts id 8
+    assert torch.isfinite(bias[1, :3]).all()
+    assert torch.isinf(bias[:, 3]).all()  # the empty slot
+
+
+def test_entropy_decides_how_many_hardest_entries_a_query_keeps():
+    b = MemoryBank(4, capacity=8, max_age=100, half_life=1e9, min_fraction=0.25)
+    b.enqueue(torch.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3]] * 1.0, torch.arange(8), step=0)
+    confident = torch.tensor([[1.0, 0, 0, 0]])
+    no_targets = torch.full((1, 1), -1)
+    # a batch whose positive dominates: entropy ~0, so the 25 % hardest = the 2 entries equal to the query
+    batch = torch.tensor([[50.0, -50.0]])
+    bias = b.bias(confident, 20.0, no_targets, step=0, batch_logits=batch)
+    kept = torch.isfinite(bias[0]).nonzero().flatten().tolist()
+    assert kept == [0, 4]
+    # a query equally similar to every entry and candidate: entropy 1, it keeps the whole bank
+    flat = torch.zeros(1, 4)
+    bias = b.bias(flat, 20.0, no_targets, step=0, batch_logits=torch.zeros(1, 2))
+    assert torch.isfinite(bias[0]).all()
+
+
+def test_bank_negatives_enter_only_the_query_to_target_denominator():
+    torch.manual_seed(0)
+    q, t = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    extra = F.normalize(torch.randn(5, 4), dim=1)
+    bias = torch.zeros(3, 5)
+    bias[0, 2] = float("-inf")
+    bias[1, 0] = math.log(0.5)
+    scale = torch.tensor(math.log(4.0))
+    s = 4.0 * q @ t.T
+    e = 4.0 * q @ extra.T + bias
+    full = torch.cat([s, e], 1)
+    expected = -(s.diag() - full.logsumexp(1)).mean()
+    torch.testing.assert_close(info_nce(q, t, scale, extra=extra, extra_bias=bias), expected)
+
+
+def test_bank_round_trips_through_a_state_dict():
+    from csmcir.lightning.module import CIRModule
+
+    m = CIRModule(model="tiny", memory_bank={"capacity": 16, "max_age": 50})
+    m.bank.enqueue(F.normalize(torch.randn(5, m.model_config.embed_dim), dim=1), torch.arange(5), step=3)
+    m2 = CIRModule(model="tiny", memory_bank={"capacity": 16, "max_age": 50})
+    m2.load_state_dict(m.state_dict())
+    for name in ("emb", "ids", "steps", "ptr"):
+        assert torch.equal(getattr(m.bank, name), getattr(m2.bank, name))
+    assert CIRModule(model="tiny").bank is None  # off by default
+
+
+def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
+    import csv
+
+    from csmcir.cli import main
+
+    from .conftest import fit_args
+
+    args = fit_args(easy_bench, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
+                    "--model.memory_bank", '{"capacity": 64, "max_age": 4, "half_life": 2.0}')
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
+    kept = [float(r["train/bank_kept"]) for r in rows if r.get("train/bank_kept")]
+    losses = [float(r["train/loss_nce"]) for r in rows if r.get("train/loss_nce")]
+    assert kept[0] == 0 and max(kept) > 0 and all(math.isfinite(x) for x in losses)
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert int((ckpt["state_dict"]["bank.ids"] >= 0).sum()) > 0
