@@ -118,7 +118,8 @@ class CIRModule(L.LightningModule):
             # a copy: the enqueue below writes the buffer before backward needs it
             extra, extra_bias = self.bank.emb.clone(), self.bank.bias(q, scale, batch["all_targets"], step, batch_logits)
             self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
-        loss = self.loss(q, cand, mask, query_offset=offset, extra=extra, extra_bias=extra_bias)
+        bank_kw = {} if extra is None else {"extra": extra, "extra_bias": extra_bias}
+        loss = self.loss(q, cand, mask, query_offset=offset, **bank_kw)
         if self.bank is not None:
             # every rank enqueues the same, gathered positives, so the banks stay identical
             bank_t, bank_rows = t.detach(), target_rows
