@@ -96,11 +96,23 @@ def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
 
     args = fit_args(easy_bench, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
                     "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
-                    "--model.memory_bank", '{"capacity": 64, "max_age": 4, "half_life": 2.0}')
+                    "--model.memory_bank", '{"capacity": 64, "max_age": 4, "half_life": 2.0, "drift_every": 2}')
     assert main(args) == 0
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
     kept = [float(r["train/bank_kept"]) for r in rows if r.get("train/bank_kept")]
     losses = [float(r["train/loss_nce"]) for r in rows if r.get("train/loss_nce")]
     assert kept[0] == 0 and max(kept) > 0 and all(math.isfinite(x) for x in losses)
+    # staleness is measured: entries re-encoded by a model that has since trained have drifted
+    drift = [float(r["train/bank_drift"]) for r in rows if r.get("train/bank_drift")]
+    assert drift and all(-1e-6 <= d <= 2 for d in drift) and max(drift) > 1e-3
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert int((ckpt["state_dict"]["bank.ids"] >= 0).sum()) > 0
+
+
+def test_drift_is_zero_for_unchanged_embeddings_and_grows_with_change():
+    b = MemoryBank(3, capacity=4)
+    e = F.normalize(torch.randn(3, 3), dim=1)
+    b.enqueue(e, torch.arange(3), step=0)
+    slots = torch.arange(3)
+    assert b.drift(slots, e) == pytest.approx(0.0, abs=1e-6)
+    assert b.drift(slots, -e) == pytest.approx(2.0, abs=1e-6)

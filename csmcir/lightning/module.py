@@ -126,10 +126,32 @@ class CIRModule(L.LightningModule):
             if not gathered and self.trainer.world_size > 1:
                 bank_t = self.all_gather(bank_t).flatten(0, 1)
                 bank_rows = self.all_gather(bank_rows).flatten(0, 1)
+            if self.bank.drift_every and self.global_step % self.bank.drift_every == 0:
+                drift = self._bank_drift()  # entries of earlier steps, before this step's enqueue
+                if drift is not None:
+                    self.log("train/bank_drift", drift, batch_size=bs)
             self.bank.enqueue(bank_t, bank_rows, int(self.global_step))
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", self.loss.temperature, batch_size=bs)
         return loss
+
+    @torch.no_grad()
+    def _bank_drift(self) -> float | None:
+        """Re-encode a sample of bank entries (their ids are training-store rows) with the current
+        model; the mean cosine drift against the stored embeddings (``train/bank_drift``)."""
+        dm = self.trainer.datamodule
+        store = dm.stores.get(dm.hparams.train_split) if hasattr(dm, "stores") else None
+        slots = self.bank.valid().nonzero().flatten()
+        if store is None or len(slots) == 0:
+            return None
+        g = torch.Generator().manual_seed(int(self.global_step))
+        slots = slots[torch.randperm(len(slots), generator=g)[: self.bank.drift_sample].to(slots.device)]
+        rows = self.bank.ids[slots].cpu()
+        n = int(store.caption_lengths[rows].max())
+        ids = store.caption_ids[rows, :n].long().to(self.device)
+        mask = (torch.arange(n)[None, :] < store.caption_lengths[rows][:, None]).long().to(self.device)
+        fresh = self.model.encode(ids, mask, pixels=store.images[rows].to(self.device))
+        return self.bank.drift(slots, fresh)
 
     def on_train_epoch_end(self):
         if self.bank is not None and self.trainer.world_size > 1:

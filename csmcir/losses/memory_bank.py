@@ -40,13 +40,17 @@ class MemoryBank(nn.Module):
         max_age: entries older than this many steps are evicted.
         half_life: steps after which an entry's weight in the denominator halves.
         min_fraction: the share of the bank a zero-entropy query still keeps (its hardest).
+        drift_every: every this many steps the trainer re-encodes up to ``drift_sample`` entries
+            with the current model and logs their mean cosine drift (0 turns it off).
     """
 
-    def __init__(self, dim: int, capacity: int = 4096, max_age: int = 200, half_life: float = 100.0, min_fraction: float = 0.25):
+    def __init__(self, dim: int, capacity: int = 4096, max_age: int = 200, half_life: float = 100.0, min_fraction: float = 0.25,
+                 drift_every: int = 50, drift_sample: int = 64):
         super().__init__()
         if capacity < 1 or max_age < 0 or half_life <= 0 or not 0 < min_fraction <= 1:
             raise ValueError("memory bank needs capacity >= 1, max_age >= 0, half_life > 0, 0 < min_fraction <= 1")
         self.capacity, self.max_age, self.half_life, self.min_fraction = capacity, max_age, float(half_life), min_fraction
+        self.drift_every, self.drift_sample = drift_every, drift_sample
         self.register_buffer("emb", torch.zeros(capacity, dim))
         self.register_buffer("ids", torch.full((capacity,), -1, dtype=torch.long))
         self.register_buffer("steps", torch.zeros(capacity, dtype=torch.long))
@@ -76,6 +80,11 @@ class MemoryBank(nn.Module):
 
     def __len__(self) -> int:
         return int(self.valid().sum())
+
+    def drift(self, slots: torch.Tensor, fresh: torch.Tensor) -> float:
+        """Mean cosine drift ``1 - cos(m_j, fresh_j)`` of the entries in ``slots`` against the same
+        targets re-encoded now (``fresh``, L2-normalised): how stale the bank is."""
+        return float((1 - (self.emb[slots] * fresh.to(self.emb.dtype)).sum(1)).mean())
 
     def log_age_weights(self, step: int) -> torch.Tensor:
         """``log w_j = -(step - s_j) / half_life * log 2`` for every slot."""
