@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .data.benchmarks import FASHIONIQ_CATEGORIES  # annotation code only: no torch, no PIL
 from .errors import CsmcirError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -183,13 +184,14 @@ def cmd_submit(a) -> None:
 
     enc = _load_encoder(a) if a.ckpt is not None else None
     out = ensure_writable_dir(a.out)
-    b = load_benchmark(a.dataset, a.root, a.split, images=a.ckpt is not None)
     if enc is not None:
-        # CIRR's image-set top 3 needs every member ranked: rank the whole gallery
         ds = _open_dataset(a.dataset, a.root, None, a.captions)
+        b = ds.split(a.split)
+        # CIRR's image-set top 3 needs every member ranked: rank the whole gallery
         rankings, _ = _rank_with_checkpoint(enc, a, ds, a.split, len(b.gallery) if a.dataset == "cirr" else 50)
         source = f"rankings of {a.ckpt}"
     else:
+        b = load_benchmark(a.dataset, a.root, a.split, images=False)
         rankings, source = read_rankings(a.rankings), str(a.rankings)
     if a.dataset == "cirr":
         recall, subset = cirr_submission(b, rankings, source=source)
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark in its release layout")
             sp.add_argument("--root", required=True, help="dataset folder")
             sp.add_argument("--split", default="test", help="split name (default test)")
-            sp.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category")
+            sp.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category")
             sp.add_argument("--captions", help="a real benchmark's caption file (default ROOT/captions.jsonl)")
         sp.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
         sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
@@ -256,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=50, help="ranked ids kept per query (default 50)")
     s.set_defaults(func=cmd_rank)
 
+    def benchmark_args(sp, split_help, root_note="", category_help=None, datasets=("fashioniq", "cirr", "circo", "shoes")):
+        sp.add_argument("--dataset", required=True, choices=list(datasets))
+        sp.add_argument("--root", required=True, help=f"the dataset's folder in its release layout{root_note}")
+        sp.add_argument("--split", required=True, help=split_help)
+        if category_help:
+            sp.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help=category_help)
+
     s = sub.add_parser(
         "evaluate",
         help="score a rankings file by a benchmark's official protocol (no model needed)",
@@ -266,11 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints one JSON object of percentages. Every query of the split must be ranked."
         ),
     )
-    s.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo", "shoes"])
-    s.add_argument("--root", required=True, help="the dataset's folder in its release layout (images not needed)")
-    s.add_argument("--split", required=True, help="fashioniq: val; cirr: val; circo: val; shoes: test")
+    benchmark_args(s, "fashioniq: val; cirr: val; circo: val; shoes: test", " (images not needed)",
+                   "FashionIQ category; without it all three are scored and averaged (keys '<category>/<id>')")
     s.add_argument("--rankings", required=True, help="rankings JSON file")
-    s.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category; without it all three are scored and averaged (keys '<category>/<id>')")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("data", help="dataset utilities: `csmcir data check`")
@@ -284,10 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
             "first bad ids. Every image is decoded (progress bar); --quick only checks that files exist."
         ),
     )
-    s.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo", "shoes"])
-    s.add_argument("--root", required=True, help="the dataset's folder in its release layout")
-    s.add_argument("--split", required=True, help="fashioniq: train|val|test; cirr: train|val|test1; circo: val|test; shoes: train|test")
-    s.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ category (required for fashioniq)")
+    benchmark_args(s, "fashioniq: train|val|test; cirr: train|val|test1; circo: val|test; shoes: train|test", "",
+                   "FashionIQ category; without it all three")
     s.add_argument("--quick", action="store_true", help="only check that the files exist")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data_check)
@@ -302,9 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Nothing is written unless every query is valid."
         ),
     )
-    s.add_argument("--dataset", required=True, choices=["cirr", "circo"])
-    s.add_argument("--root", required=True, help="the dataset's folder in its release layout")
-    s.add_argument("--split", required=True, help="cirr: test1; circo: test")
+    benchmark_args(s, "cirr: test1; circo: test", "", category_help=None, datasets=["cirr", "circo"])
     source = s.add_mutually_exclusive_group(required=True)
     source.add_argument("--rankings", help="rankings JSON (e.g. `csmcir rank` output, deep enough for CIRR's image sets)")
     source.add_argument("--ckpt", help="rank with this checkpoint instead (the whole gallery for CIRR)")

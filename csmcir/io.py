@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a killed writer) never sees a half-written output file."""
+"""Atomic file writes (a reader, or a killed writer, never sees a half-written output file) and
+JSON reads that fail with one line naming the file."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Parse a JSON file; a missing, non-UTF-8 or invalid file raises a one-line error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise CsmcirError(f"{p}: {what} not found")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CsmcirError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise CsmcirError(f"{p}: not UTF-8 text ({e.reason})") from None

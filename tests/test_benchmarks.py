@@ -120,6 +120,24 @@ def _placeholder(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _cirr_tree(tmp_path: Path, split: str, png_bytes: bytes) -> tuple[Path, dict]:
+    """A copy of the CIRR annotations with a placeholder image for every name of ``split``."""
+    root = tmp_path / "cirr"
+    shutil.copytree(CIRR / "cirr", root / "cirr")
+    names = json.loads((CIRR / "cirr" / "image_splits" / f"split.rc2.{split}.json").read_text())
+    for rel in names.values():
+        _placeholder(root / rel, png_bytes)
+    return root, names
+
+
+def _fiq_tree(tmp_path: Path) -> Path:
+    """A copy of the FashionIQ annotations (no images)."""
+    root = tmp_path / "fiq"
+    shutil.copytree(FIQ / "captions", root / "captions")
+    shutil.copytree(FIQ / "image_splits", root / "image_splits")
+    return root
+
+
 @pytest.fixture(scope="module")
 def png_bytes():
     import io
@@ -139,11 +157,7 @@ def _check(capsys, *args):
 
 def test_data_check_reports_counts_and_names_bad_images(tmp_path, capsys, png_bytes):
     # CIRR val: images at the relative paths of the split file
-    root = tmp_path / "cirr"
-    shutil.copytree(CIRR / "cirr", root / "cirr")
-    split = json.loads((CIRR / "cirr" / "image_splits" / "split.rc2.val.json").read_text())
-    for rel in split.values():
-        _placeholder(root / rel, png_bytes)
+    root, split = _cirr_tree(tmp_path, "val", png_bytes)
     code, report, _ = _check(capsys, "--dataset", "cirr", "--root", str(root), "--split", "val")
     assert code == 0
     assert (report["queries"], report["gallery"], report["missing"], report["unreadable"]) == (4181, 2297, 0, 0)
@@ -161,16 +175,17 @@ def test_data_check_reports_counts_and_names_bad_images(tmp_path, capsys, png_by
     assert code == 2 and report["missing"] == 1 and report["unreadable"] == 0
 
 
-def test_data_check_fashioniq_and_shoes(tmp_path, capsys, png_bytes):
-    fiq = tmp_path / "fiq"
-    shutil.copytree(FIQ / "captions", fiq / "captions")
-    shutil.copytree(FIQ / "image_splits", fiq / "image_splits")
-    b = load_benchmark("fashioniq", fiq, "val", "dress", images=False)
+@pytest.mark.parametrize("cat,queries,gallery", [("dress", 2017, 3817), ("shirt", 2038, 6346), ("toptee", 1961, 5373)])
+def test_data_check_fashioniq(tmp_path, capsys, png_bytes, cat, queries, gallery):
+    fiq = _fiq_tree(tmp_path)
+    b = load_benchmark("fashioniq", fiq, "val", cat, images=False)
     for image_id in {*b.gallery, *(q.reference for q in b.queries), *(t for q in b.queries for t in q.targets)}:
         _placeholder(fiq / "images" / f"{image_id}.jpg", png_bytes)  # PIL reads by content, not suffix
-    code, report, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(fiq), "--split", "val", "--category", "dress")
-    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (2017, 3817, 0)
+    code, report, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(fiq), "--split", "val", "--category", cat)
+    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (queries, gallery, 0)
 
+
+def test_data_check_shoes(tmp_path, capsys, png_bytes):
     shoes = tmp_path / "shoes"
     shutil.copytree(SHOES, shoes)
     for n, name in enumerate((SHOES / "eval_im_names.txt").read_text().split()):
@@ -277,11 +292,7 @@ def test_benchmark_configs_parse(name, capsys):
 
 def test_cirr_submission_from_a_checkpoint(trained, tmp_path, png_bytes):
     """`submit --ckpt` ranks test1 itself (whole gallery, reference excluded) and writes both files."""
-    root = tmp_path / "cirr"
-    shutil.copytree(CIRR / "cirr", root / "cirr")
-    split = json.loads((CIRR / "cirr" / "image_splits" / "split.rc2.test1.json").read_text())
-    for rel in split.values():
-        _placeholder(root / rel, png_bytes)
+    root, split = _cirr_tree(tmp_path, "test1", png_bytes)
     caps = tmp_path / "caps.jsonl"
     caps.write_text("".join(json.dumps({"image_id": n, "levels": {}, "final": "a photo"}) + "\n" for n in split))
     out = tmp_path / "sub"
@@ -333,9 +344,7 @@ def test_data_check_circo(tmp_path, capsys, png_bytes):
     (lambda d: d.__setitem__(7, ["a list"]), "entry 7 is list, expected an object"),
 ])
 def test_malformed_fashioniq_entries(tmp_path, capsys, damage, message):
-    root = tmp_path / "fiq"
-    shutil.copytree(FIQ / "captions", root / "captions")
-    shutil.copytree(FIQ / "image_splits", root / "image_splits")
+    root = _fiq_tree(tmp_path)
     cap = root / "captions" / "cap.dress.val.json"
     data = json.loads(cap.read_text())
     damage(data)
@@ -371,15 +380,3 @@ def test_evaluate_rejects_unknown_query_ids(tmp_path, capsys):
     code, err = _evaluate(capsys, "--dataset", "shoes", "--root", str(SHOES), "--split", "test", "--rankings", str(f))
     assert code == 2
     assert err.strip() == f"error: {f}: query '99999' is not a query of shoes test (1 unknown ids; wrong split or dataset?)"
-
-
-@pytest.mark.parametrize("cat,queries,gallery", [("shirt", 2038, 6346), ("toptee", 1961, 5373)])
-def test_data_check_fashioniq_other_categories(tmp_path, capsys, png_bytes, cat, queries, gallery):
-    fiq = tmp_path / "fiq"
-    shutil.copytree(FIQ / "captions", fiq / "captions")
-    shutil.copytree(FIQ / "image_splits", fiq / "image_splits")
-    b = load_benchmark("fashioniq", fiq, "val", cat, images=False)
-    for image_id in {*b.gallery, *(q.reference for q in b.queries), *(t for q in b.queries for t in q.targets)}:
-        _placeholder(fiq / "images" / f"{image_id}.jpg", png_bytes)
-    code, report, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(fiq), "--split", "val", "--category", cat, "--quick")
-    assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (queries, gallery, 0)

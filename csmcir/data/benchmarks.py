@@ -23,16 +23,18 @@ and the entry.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CsmcirError
+from ..io import read_json
 from .custom import Triplet
 
 __all__ = ["BenchmarkCIR", "BenchmarkQuery", "BenchmarkSplit", "BENCHMARKS", "FASHIONIQ_CATEGORIES", "check_split", "load_benchmark"]
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+# whether each benchmark's protocol drops a query's reference image from its ranking
+REMOVES_REFERENCE = {"fashioniq": False, "cirr": True, "circo": False, "shoes": True}
 
 
 @dataclass
@@ -51,13 +53,17 @@ class BenchmarkSplit:
     split: str
     queries: list[BenchmarkQuery]
     gallery: list[str]
-    remove_reference: bool  # the protocol drops the reference from each query's ranking
     image_paths: dict[str, Path] | None = None  # id -> file, where the layout gives it
     image_pattern: str | None = None  # else: root / pattern.format(id=...)
     root: Path = Path(".")
     category: str | None = None
     # FashionIQ's three categories together: each category's own gallery (query ids "<cat>/<n>")
     sub_galleries: dict[str, list[str]] | None = None
+
+    @property
+    def remove_reference(self) -> bool:
+        """Whether the protocol drops each query's reference from its ranking."""
+        return REMOVES_REFERENCE[self.dataset]
 
     @property
     def has_targets(self) -> bool:
@@ -74,17 +80,6 @@ class BenchmarkSplit:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise CsmcirError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CsmcirError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise CsmcirError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def _list_of_dicts(data, path: Path) -> list[dict]:
@@ -143,7 +138,7 @@ def load_fashioniq(root: Path, split: str, category: str) -> BenchmarkSplit:
         raise _split_error("fashioniq", split, ("train", "val", "test"))
     cap_path = root / "captions" / f"cap.{category}.{split}.json"
     queries = []
-    for i, e in enumerate(_list_of_dicts(_read_json(cap_path), cap_path)):
+    for i, e in enumerate(_list_of_dicts(read_json(cap_path), cap_path)):
         ref = _field(e, "candidate", str, cap_path, i)
         caps = _field(e, "captions", list, cap_path, i)
         if len(caps) != 2 or not all(isinstance(c, str) for c in caps):
@@ -151,10 +146,10 @@ def load_fashioniq(root: Path, split: str, category: str) -> BenchmarkSplit:
         targets = [_field(e, "target", str, cap_path, i)] if "target" in e or split != "test" else []
         queries.append(BenchmarkQuery(str(i), ref, fashioniq_eval_text(*caps), targets, fashioniq_train_texts(*caps)))
     img_path = root / "image_splits" / f"split.{category}.{split}.json"
-    gallery = _read_json(img_path)
+    gallery = read_json(img_path)
     if not isinstance(gallery, list) or not all(isinstance(g, str) for g in gallery):
         raise CsmcirError(f"{img_path}: expected a JSON list of image names")
-    return BenchmarkSplit("fashioniq", split, queries, gallery, remove_reference=False, image_pattern="images/{id}.jpg", root=root, category=category)
+    return BenchmarkSplit("fashioniq", split, queries, gallery, image_pattern="images/{id}.jpg", root=root, category=category)
 
 
 def load_fashioniq_all(root: Path, split: str) -> BenchmarkSplit:
@@ -169,7 +164,7 @@ def load_fashioniq_all(root: Path, split: str) -> BenchmarkSplit:
     ]
     gallery = list(dict.fromkeys(g for b in parts.values() for g in b.gallery))
     return BenchmarkSplit(
-        "fashioniq", split, queries, gallery, remove_reference=False, image_pattern="images/{id}.jpg", root=root,
+        "fashioniq", split, queries, gallery, image_pattern="images/{id}.jpg", root=root,
         sub_galleries={c: b.gallery for c, b in parts.items()},
     )
 
@@ -182,7 +177,7 @@ def load_cirr(root: Path, split: str) -> BenchmarkSplit:
         raise _split_error("cirr", split, ("train", "val", "test1"))
     cap_path = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
     queries = []
-    for i, e in enumerate(_list_of_dicts(_read_json(cap_path), cap_path)):
+    for i, e in enumerate(_list_of_dicts(read_json(cap_path), cap_path)):
         pid = _field(e, "pairid", int, cap_path, i)
         ref = _field(e, "reference", str, cap_path, i, pid)
         text = _field(e, "caption", str, cap_path, i, pid)
@@ -194,11 +189,11 @@ def load_cirr(root: Path, split: str) -> BenchmarkSplit:
         queries.append(BenchmarkQuery(str(pid), ref, text, targets, [text], members))
     _check_unique(queries, cap_path)
     split_path = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
-    names = _read_json(split_path)
+    names = read_json(split_path)
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise CsmcirError(f"{split_path}: expected a JSON object mapping image names to relative paths")
     paths = {k: root / v for k, v in names.items()}
-    return BenchmarkSplit("cirr", split, queries, list(names), remove_reference=True, image_paths=paths, root=root)
+    return BenchmarkSplit("cirr", split, queries, list(names), image_paths=paths, root=root)
 
 
 # ---------------------------------------------------------------------------------------- CIRCO
@@ -209,7 +204,7 @@ def load_circo(root: Path, split: str, need_gallery: bool = True) -> BenchmarkSp
         raise _split_error("circo", split, ("val", "test"))
     ann_path = root / "annotations" / f"{split}.json"
     queries = []
-    for i, e in enumerate(_list_of_dicts(_read_json(ann_path), ann_path)):
+    for i, e in enumerate(_list_of_dicts(read_json(ann_path), ann_path)):
         qid = _field(e, "id", int, ann_path, i)
         ref = _field(e, "reference_img_id", int, ann_path, i, qid)
         text = _field(e, "relative_caption", str, ann_path, i, qid)
@@ -224,7 +219,7 @@ def load_circo(root: Path, split: str, need_gallery: bool = True) -> BenchmarkSp
     gallery: list[str] = []
     if need_gallery:
         info_path = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
-        info = _read_json(info_path)
+        info = read_json(info_path)
         images = info.get("images") if isinstance(info, dict) else None
         if not isinstance(images, list):
             raise CsmcirError(f"{info_path}: expected an object with an 'images' list")
@@ -232,7 +227,7 @@ def load_circo(root: Path, split: str, need_gallery: bool = True) -> BenchmarkSp
             if not isinstance(im, dict) or not isinstance(im.get("id"), int):
                 raise CsmcirError(f"{info_path}: images[{i}] has no integer 'id'")
             gallery.append(str(im["id"]))
-    return BenchmarkSplit("circo", split, queries, gallery, remove_reference=False, image_pattern="COCO2017_unlabeled/unlabeled2017/{id:0>12}.jpg", root=root)
+    return BenchmarkSplit("circo", split, queries, gallery, image_pattern="COCO2017_unlabeled/unlabeled2017/{id:0>12}.jpg", root=root)
 
 
 # ---------------------------------------------------------------------------------------- Shoes
@@ -251,7 +246,7 @@ def load_shoes(root: Path, split: str, find_images: bool = True) -> BenchmarkSpl
     in_split = set(names)
     cap_path = root / "relative_captions_shoes.json"
     queries = []
-    for i, e in enumerate(_list_of_dicts(_read_json(cap_path), cap_path)):
+    for i, e in enumerate(_list_of_dicts(read_json(cap_path), cap_path)):
         tgt = _field(e, "ImageName", str, cap_path, i)
         ref = _field(e, "ReferenceImageName", str, cap_path, i)
         text = _field(e, "RelativeCaption", str, cap_path, i)
@@ -263,7 +258,7 @@ def load_shoes(root: Path, split: str, find_images: bool = True) -> BenchmarkSpl
         for p in sorted(root.rglob("*")):
             if p.name in in_split and p.is_file():
                 paths.setdefault(p.name, p)
-    return BenchmarkSplit("shoes", split, queries, names, remove_reference=True, image_paths=paths, image_pattern=None if find_images else "{id}", root=root)
+    return BenchmarkSplit("shoes", split, queries, names, image_paths=paths, image_pattern=None if find_images else "{id}", root=root)
 
 
 # --------------------------------------------------------------------------------------- public
@@ -296,8 +291,9 @@ def load_benchmark(name: str, root: str | Path, split: str, category: str | None
 def check_split(split: BenchmarkSplit, quick: bool = False, progress: bool = True, shown: int = 10) -> dict:
     """Every image a split needs (gallery, references, targets, image sets): present and, unless
     ``quick``, fully decodable. Returns counts and the bad ids (the first ``shown`` of each kind)."""
-    from PIL import Image
     from tqdm.auto import tqdm
+
+    from .custom import decode_image
 
     needed = dict.fromkeys(split.gallery)
     for q in split.queries:
@@ -315,11 +311,10 @@ def check_split(split: BenchmarkSplit, quick: bool = False, progress: bool = Tru
         if quick:
             continue
         try:
-            with Image.open(path) as img:
-                img.load()
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            decode_image(path, image_id)
+        except CsmcirError:
             unreadable.append(image_id)
-    report = {
+    return {
         "dataset": split.dataset,
         "split": split.split,
         **({"category": split.category} if split.category else {}),
@@ -332,7 +327,6 @@ def check_split(split: BenchmarkSplit, quick: bool = False, progress: bool = Tru
         "missing_ids": missing[:shown],
         "unreadable_ids": unreadable[:shown],
     }
-    return report
 
 
 # ------------------------------------------------------------- the dataset interface of training
@@ -364,7 +358,7 @@ class BenchmarkCIR:
     @property
     def remove_reference(self) -> bool:
         """Whether the protocol drops each query's reference from its ranking (CIRR, Shoes)."""
-        return self.name in ("cirr", "shoes")
+        return REMOVES_REFERENCE[self.name]
 
     def split(self, split: str) -> BenchmarkSplit:
         if split not in self._splits:

@@ -109,7 +109,7 @@ class CIRDataModule(L.LightningDataModule):
     @property
     def remove_reference(self) -> bool:
         """Whether rankings leave each query's reference out (custom, CIRR, Shoes; not FashionIQ)."""
-        return self.hparams.dataset in ("custom", "cirr", "shoes")
+        return self.dataset().remove_reference
 
     def benchmark_split(self, split: str):
         """The :class:`~csmcir.data.benchmarks.BenchmarkSplit` of a real benchmark, else ``None``."""

@@ -93,7 +93,8 @@ class CIRModule(L.LightningModule):
         t, neg, neg_rows = c[:bs], c[bs:], rows[bs:]
         target_rows = rows[:bs]
         offset = 0
-        if self.hparams.gather_negatives and self.trainer.world_size > 1:
+        gathered = self.hparams.gather_negatives and self.trainer.world_size > 1
+        if gathered:
             # every rank's candidates are negatives for every query; gradients flow back to their rank
             t = self.all_gather(t, sync_grads=True).flatten(0, 1)
             target_rows = self.all_gather(target_rows).flatten(0, 1)
@@ -101,7 +102,6 @@ class CIRModule(L.LightningModule):
                 neg = self.all_gather(neg, sync_grads=True).flatten(0, 1)
                 neg_rows = self.all_gather(neg_rows).flatten(0, 1)
             offset = self.global_rank * bs
-        gathered = offset > 0 or (self.hparams.gather_negatives and self.trainer.world_size > 1)
         cand = torch.cat([t, neg])
         cand_rows = torch.cat([target_rows, neg_rows])
         mask = same_target_mask(cand_rows, batch["all_targets"])

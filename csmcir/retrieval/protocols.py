@@ -20,10 +20,12 @@ The definitions follow the reference evaluation code of each benchmark (and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import CsmcirError
+from ..io import read_json
 
 __all__ = [
     "ProtocolError",
@@ -212,15 +214,8 @@ def read_rankings(path: str | Path) -> dict[str, list[str]]:
     Accepts ``csmcir rank`` output and the test-server formats: CIRR's ``version`` and
     ``metric`` keys are ignored, and integer ids (CIRCO) are read as strings.
     """
-    import json
-
     p = Path(path)
-    if not p.is_file():
-        raise CsmcirError(f"{p}: rankings file not found")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CsmcirError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    data = read_json(p, "rankings file")
     if not isinstance(data, dict):
         raise CsmcirError(f"{p}: expected a JSON object mapping query ids to ranked image ids")
     out = {}
@@ -305,7 +300,7 @@ def cirr_submission(split, rankings: Mapping[str, Sequence[str]], source: str = 
         recall[q.id] = list(ranked[:50])
         subset[q.id] = sub
     for name, d in (("recall", recall), ("recall_subset", subset)):
-        size = len(__import__("json").dumps(d).encode())
+        size = len(json.dumps(d).encode())
         if size > CIRR_SUBMISSION_LIMIT:
             raise ProtocolError(f"CIRR {name} submission would be {size} bytes, over the server's 5 MB limit")
     return recall, subset
