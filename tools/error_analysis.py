@@ -22,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from csmcir.data.custom import CustomCIR
+from csmcir.errors import CsmcirError
+from csmcir.retrieval.protocols import read_rankings
 
 
 def first_correct_ranks(rankings: dict[str, list[str]], triplets) -> dict[str, list[int]]:
@@ -64,7 +66,7 @@ def main(argv=None) -> None:
     root = Path(a.root)
     ds = CustomCIR(root)
     triplets = ds.triplets(a.split)
-    rankings = json.loads(Path(a.rank).read_text())
+    rankings = read_rankings(a.rank)
     ranks = first_correct_ranks(rankings, triplets)
     depth = max(len(v) for v in rankings.values())
     print(f"{'type':10s} {'n':>5s} {'R@1':>6s} {'R@10':>6s} {'median rank':>12s}   (rankings depth {depth})")
@@ -92,4 +94,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CsmcirError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
