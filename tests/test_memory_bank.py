@@ -60,6 +60,17 @@ def test_entropy_decides_how_many_hardest_entries_a_query_keeps():
     assert torch.isfinite(bias[0]).all()
 
 
+def test_plain_fifo_keeps_every_entry_unweighted_until_overwritten():
+    b = MemoryBank(2, capacity=3, max_age=None, half_life=None, min_fraction=1.0)
+    b.enqueue(torch.eye(2)[[0, 1, 0]], torch.tensor([1, 2, 3]), step=0)
+    assert b.evict(step=10_000) == 0 and len(b) == 3
+    bias = b.bias(torch.tensor([[1.0, 0.0]]), 20.0, torch.tensor([[2]]), step=10_000, batch_logits=torch.tensor([[50.0]]))
+    # no age weight, no entropy selection; only the query's own target id (2) is masked
+    assert bias[0, [0, 2]].tolist() == [0.0, 0.0] and torch.isinf(bias[0, 1])
+    b.enqueue(torch.eye(2)[[1]], torch.tensor([4]), step=10_001)
+    assert b.ids.tolist() == [4, 2, 3]  # first in, first out
+
+
 def test_bank_negatives_enter_only_the_query_to_target_denominator():
     torch.manual_seed(0)
     q, t = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)

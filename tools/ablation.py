@@ -25,7 +25,14 @@ VARIANTS = {
     "asymmetric": ["--data.target_text", "none"],  # target = image only (SPRC-style)
     "no_reference_negative": ["--data.reference_negative", "false"],
     "hard_negative": ["--data.hard_negatives", "1"],  # plus one listed distractor per query
+    # memory bank (issue 3, docs/memory_bank.md); "symmetric" is its in-batch-only control
+    "fifo_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": null, "half_life": null, "min_fraction": 1.0}'],
+    "entropy_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25}'],
 }
+# equal wall-clock: the in-batch run's 585 steps cost as much as 580 FIFO or 566 entropy-bank steps
+# (per-step bank work measured by tools/bench_memory_bank.py: +0.9 % and +3.4 %; docs/memory_bank.md)
+VARIANTS["fifo_bank_eqtime"] = VARIANTS["fifo_bank"] + ["--trainer.max_steps", "580"]
+VARIANTS["entropy_bank_eqtime"] = VARIANTS["entropy_bank"] + ["--trainer.max_steps", "566"]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 
 

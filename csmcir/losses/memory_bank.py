@@ -16,6 +16,8 @@ Rule (``docs/memory_bank.md`` will carry the measurements; this is the definitio
   entropy in [0, 1]. Query ``i`` keeps its ``k_i = ceil(n_bank * (min_fraction + (1 -
   min_fraction) * h_i))`` most similar bank entries: a confident query (low entropy) gets only
   the hardest negatives, an uncertain one a broad set. Selection is computed without gradient.
+* **Plain FIFO** (MoCo-style, the ablation's control): ``max_age=None, half_life=None,
+  min_fraction=1`` turns off eviction, decay and selection; only the id masking stays.
 
 The bank never imports Lightning; the LightningModule gathers embeddings across ranks before
 :meth:`MemoryBank.enqueue`, so every rank holds the same bank.
@@ -37,19 +39,22 @@ class MemoryBank(nn.Module):
     Args:
         dim: embedding size.
         capacity: entries kept (the oldest are overwritten first).
-        max_age: entries older than this many steps are evicted.
-        half_life: steps after which an entry's weight in the denominator halves.
-        min_fraction: the share of the bank a zero-entropy query still keeps (its hardest).
+        max_age: entries older than this many steps are evicted (``None``: only overwritten).
+        half_life: steps after which an entry's weight in the denominator halves (``None``: no
+            decay).
+        min_fraction: the share of the bank a zero-entropy query still keeps (its hardest);
+            ``1`` keeps every entry for every query (no entropy selection).
         drift_every: every this many steps the trainer re-encodes up to ``drift_sample`` entries
             with the current model and logs their mean cosine drift (0 turns it off).
     """
 
-    def __init__(self, dim: int, capacity: int = 4096, max_age: int = 200, half_life: float = 100.0, min_fraction: float = 0.25,
-                 drift_every: int = 50, drift_sample: int = 64):
+    def __init__(self, dim: int, capacity: int = 4096, max_age: int | None = 200, half_life: float | None = 100.0,
+                 min_fraction: float = 0.25, drift_every: int = 50, drift_sample: int = 64):
         super().__init__()
-        if capacity < 1 or max_age < 0 or half_life <= 0 or not 0 < min_fraction <= 1:
-            raise ValueError("memory bank needs capacity >= 1, max_age >= 0, half_life > 0, 0 < min_fraction <= 1")
-        self.capacity, self.max_age, self.half_life, self.min_fraction = capacity, max_age, float(half_life), min_fraction
+        if capacity < 1 or (max_age is not None and max_age < 0) or (half_life is not None and half_life <= 0) or not 0 < min_fraction <= 1:
+            raise ValueError("memory bank needs capacity >= 1, max_age >= 0 or null, half_life > 0 or null, 0 < min_fraction <= 1")
+        self.capacity, self.max_age, self.min_fraction = capacity, max_age, min_fraction
+        self.half_life = None if half_life is None else float(half_life)
         self.drift_every, self.drift_sample = drift_every, drift_sample
         self.register_buffer("emb", torch.zeros(capacity, dim))
         self.register_buffer("ids", torch.full((capacity,), -1, dtype=torch.long))
@@ -71,9 +76,16 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def evict(self, step: int) -> int:
         """Drop entries older than ``max_age``; returns how many were dropped."""
-        old = (self.ids >= 0) & (int(step) - self.steps > self.max_age)
+        if self.max_age is None:
+            return 0
+        old = (self.ids >= 0) & self._too_old(step)
         self.ids[old] = -1
         return int(old.sum())
+
+    def _too_old(self, step: int) -> torch.Tensor:
+        if self.max_age is None:
+            return torch.zeros_like(self.ids, dtype=torch.bool)
+        return int(step) - self.steps > self.max_age
 
     def valid(self) -> torch.Tensor:
         return self.ids >= 0
@@ -87,7 +99,9 @@ class MemoryBank(nn.Module):
         return float((1 - (self.emb[slots] * fresh.to(self.emb.dtype)).sum(1)).mean())
 
     def log_age_weights(self, step: int) -> torch.Tensor:
-        """``log w_j = -(step - s_j) / half_life * log 2`` for every slot."""
+        """``log w_j = -(step - s_j) / half_life * log 2`` for every slot (0 without decay)."""
+        if self.half_life is None:
+            return torch.zeros_like(self.emb[:, 0])
         age = (int(step) - self.steps).clamp(min=0).to(self.emb.dtype)
         return -age / self.half_life * math.log(2.0)
 
@@ -101,9 +115,11 @@ class MemoryBank(nn.Module):
             b = query.shape[0]
             sims = scale * query.detach() @ self.emb.t()
             bias = self.log_age_weights(step).expand(b, -1).clone()
-            excluded = ~self.valid()[None, :] | (int(step) - self.steps > self.max_age)[None, :]
+            excluded = ~self.valid()[None, :] | self._too_old(step)[None, :]
             excluded = excluded | (all_targets[:, :, None] == self.ids[None, None, :]).any(1)
             bias[excluded.expand(b, -1)] = float("-inf")
+            if self.min_fraction >= 1:
+                return bias  # every valid entry, no selection
             logits = sims + bias
             full = logits if batch_logits is None else torch.cat([batch_logits.detach(), logits], 1)
             p = torch.softmax(full, dim=1)
