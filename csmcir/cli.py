@@ -26,7 +26,7 @@ def _open_dataset(name: str, root: str, category: str | None = None, captions: s
     if name not in DATASETS:
         raise CsmcirError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     if name in ("custom", "synthetic"):
-        return CustomCIR(root)
+        return CustomCIR(root, captions)
     return BenchmarkCIR(name, root, category, captions)
 
 
@@ -203,6 +203,51 @@ def cmd_submit(a) -> None:
     print(f"wrote {', '.join(files)} ({len(b.queries)} queries) to {out}")
 
 
+# -- caption ------------------------------------------------------------------------------------
+def cmd_caption(a) -> None:
+    from .captioning import CaptionStore, caption_images, default_template_for, load_template, parse_shard, select_ids, split_image_ids
+    from .captioning.backends import make_backend
+
+    template = load_template(a.template or default_template_for(a.dataset))
+    shard = parse_shard(a.shard)
+    if a.limit is not None and a.limit < 0:
+        raise CsmcirError("--limit must be >= 0")
+    ds = _open_dataset(a.dataset, a.root, a.category)
+    ids: dict[str, None] = {}
+    for split in a.split:
+        ids.update(dict.fromkeys(split_image_ids(ds, split)))
+    ids = select_ids(list(ids), shard, a.limit)
+    with CaptionStore(a.out) as store:  # opens (and repairs) the store before the model loads
+        for i, rec in store.records.items():
+            if rec.get("prompt") not in (None, template.id):
+                raise CsmcirError(f"{a.out}: image {i!r} was captioned with prompt {rec.get('prompt')} but this run uses "
+                                  f"{template.id}; write to another file")
+        todo = [i for i in ids if i not in store.records]
+        if a.backend == "transformers":  # before a large model loads: every image file is there
+            missing = [(i, path) for i in todo if not (path := ds.image_path(i)).is_file()]
+            if missing:
+                raise CsmcirError(f"{len(missing)} of {len(todo)} images to caption are missing, first: image {missing[0][0]!r} "
+                                  f"at {missing[0][1]}: image file not found")
+        backend = make_backend(a.backend, model=a.model, root=a.root, template=template, device=a.device, dtype=a.dtype,
+                               max_new_tokens=a.max_new_tokens, seed=a.seed, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
+                               **({"local_files_only": not a.allow_download} if a.backend == "transformers" else {}))
+        counts = caption_images(ids, ds.load_image, backend, template, store,
+                                batch_size=a.batch_size, progress=not a.no_progress)
+    print(json.dumps({"out": str(a.out), "model": backend.model_id, "prompt": template.id, "shard": f"{shard[0]}/{shard[1]}", **counts}))
+    bad = counts["unparsed"] + counts["empty"]
+    if bad:
+        print(f"warning: {counts['unparsed']} answers did not follow the format (raw text kept as the final caption) "
+              f"and {counts['empty']} were empty (those images count as uncaptioned)", file=sys.stderr)
+
+
+def cmd_caption_merge(a) -> None:
+    from .captioning import merge_stores
+
+    if Path(a.out).resolve() in {Path(x).resolve() for x in a.shards}:
+        raise CsmcirError(f"--out {a.out} is one of the shards: write the merge to a new file")
+    print(json.dumps({"out": str(a.out), **merge_stores(a.out, a.shards)}))
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -317,6 +362,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for the submission files")
     s.add_argument("--name", default="csmcir", help="suffix of the file names (default csmcir)")
     s.set_defaults(func=cmd_submit)
+    s = sub.add_parser(
+        "caption",
+        help="write multi-level chain-of-thought (MCoT) captions of a split's images with an MLLM",
+        description=(
+            "Caption every image a split reads (gallery, references, targets) with a prompt that makes the model "
+            "reason level by level (scene, objects, attributes, relations; for fashion: category, parts, attributes, "
+            "context) and then write one final discriminative caption. Records go to a JSONL store, one line per "
+            "image, appended as each batch finishes: rerun the same command after a kill and it skips what is done "
+            "(a truncated last line is repaired). Answers that do not follow the format keep their raw text as the "
+            "final caption (status 'unparsed'). The store is a captions.jsonl: train with --data.captions FILE."
+        ),
+        epilog="example: csmcir caption --dataset cirr --root data/cirr --split train val --backend transformers "
+               "--model Qwen/Qwen2.5-VL-7B-Instruct --out captions/cirr.qwen7b.jsonl --shard 0/4",
+    )
+    s.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark")
+    s.add_argument("--root", required=True, help="dataset folder")
+    s.add_argument("--split", nargs="+", required=True, help="one or more splits; their images are captioned once each")
+    s.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category (default: all three)")
+    s.add_argument("--backend", default="transformers", choices=["transformers", "synthetic"],
+                   help="transformers (an MLLM; default) or synthetic (the synthetic benchmark's scene captioner)")
+    s.add_argument("--model", help="transformers backend: local folder or hub id of an image-text-to-text MLLM")
+    s.add_argument("--allow-download", action="store_true", help="let transformers fetch --model from the hub (default: local files only)")
+    s.add_argument("--template", help="prompt template: natural, fashion or a YAML file (default: fashion for fashioniq/shoes, else natural)")
+    s.add_argument("--out", required=True, help="caption store (JSONL) to create or resume")
+    s.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    s.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
+    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    s.add_argument("--min-pixels", type=int, help="Qwen-VL image processors: lower bound on pixels per image")
+    s.add_argument("--max-pixels", type=int, help="Qwen-VL image processors: upper bound on pixels per image")
+    s.add_argument("--limit", type=int, help="caption only the first N images of this shard")
+    s.add_argument("--shard", help="i/n: caption every n-th image from position i (run n processes, then caption-merge)")
+    s.add_argument("--seed", type=int, default=0, help="synthetic backend: captioner seed (default 0)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("caption-merge", help="join caption-store shards into one file; refuses conflicting records")
+    s.add_argument("--out", required=True, help="merged store to write")
+    s.add_argument("shards", nargs="+", help="shard stores written by `csmcir caption --shard i/n`")
+    s.set_defaults(func=cmd_caption_merge)
     return p
 
 

@@ -193,8 +193,10 @@ def read_gallery(path: str | Path) -> list[str]:
     return [i for _, i in _read_gallery_numbered(Path(path))]
 
 
-def _parse_caption(obj: dict, path: Path, lineno: int) -> Caption:
+def _parse_caption(obj: dict, path: Path, lineno: int) -> Caption | None:
     image_id = _required_id(obj, "image_id", path, lineno)
+    if obj.get("status") == "empty" and obj.get("final") == "":
+        return None  # a captioner's empty answer (csmcir.captioning): the image counts as uncaptioned
     levels = obj.get("levels", {})
     if not isinstance(levels, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in levels.items()
@@ -228,8 +230,9 @@ def read_captions(path: str | Path) -> dict[str, Caption]:
     first_line: dict[str, int] = {}
     for lineno, obj in _iter_jsonl(path):
         c = _parse_caption(obj, path, lineno)
-        _first_seen(first_line, c.image_id, path, lineno, "caption image_id")
-        out[c.image_id] = c
+        _first_seen(first_line, obj["image_id"], path, lineno, "caption image_id")
+        if c is not None:
+            out[c.image_id] = c
     return out
 
 
@@ -302,8 +305,10 @@ class CustomCIR:
     naming the bad line, rather than hours later on the first batch that touches it.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, captions: str | Path | None = None):
         self.root = Path(root)
+        # the target-side captions: root/captions.jsonl, or another file (e.g. a `csmcir caption` store)
+        self.captions_file = Path(captions) if captions is not None else self.root / "captions.jsonl"
         if not self.root.is_dir():
             raise CsmcirError(f"dataset folder {self.root} not found")
         self.images_dir = self.root / "images"
@@ -375,7 +380,7 @@ class CustomCIR:
     def captions(self) -> dict[str, Caption]:
         """``{image_id: Caption}`` from ``captions.jsonl`` (cached)."""
         if self._captions is None:
-            self._captions = read_captions(self.root / "captions.jsonl")
+            self._captions = read_captions(self.captions_file)
         return self._captions
 
     # -- images

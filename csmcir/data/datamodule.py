@@ -26,8 +26,8 @@ class CIRDataModule(L.LightningDataModule):
             metrics as ``val/<dataset>/<metric>``.
         category: FashionIQ category (dress, shirt, toptee); ``null`` = all three (query ids
             ``<category>/<n>``, one gallery for training, each category scored in its own).
-        captions: target-side caption file for a real benchmark (``captions.jsonl`` format, e.g.
-            from MCoT captioning); default ``root/captions.jsonl``.
+        captions: target-side caption file (``captions.jsonl`` format, e.g. a ``csmcir caption``
+            store); default ``root/captions.jsonl``.
         synthetic: if ``root`` is missing or empty, generate the synthetic benchmark there first
             (with ``synth_seed`` and ``synth_difficulty``). Set ``false`` for your own data.
         synth_seed: seed of the generated benchmark.
@@ -99,7 +99,7 @@ class CIRDataModule(L.LightningDataModule):
         """The dataset object (:class:`CustomCIR` or :class:`~csmcir.data.benchmarks.BenchmarkCIR`)."""
         h = self.hparams
         if h.dataset == "custom":
-            return CustomCIR(h.root)
+            return CustomCIR(h.root, h.captions)
         if self._dataset is None:
             from .benchmarks import BenchmarkCIR
 

@@ -145,7 +145,7 @@ class SplitStore:
             if missing:
                 if missing_caption == "error":
                     raise CsmcirError(
-                        f"image {missing[0]!r} has no caption in {getattr(dataset, 'captions_file', dataset.root / 'captions.jsonl')} "
+                        f"image {missing[0]!r} has no caption in {dataset.captions_file} "
                         f"({len(missing)} of split '{split}' missing; set data.missing_caption=empty to use empty captions)"
                     )
                 import warnings

@@ -30,7 +30,7 @@ def gallery_texts(encoder, dataset, image_ids: list[str], missing_caption: str =
         cap = captions.get(image_id)
         if cap is None:
             if missing_caption == "error":
-                raise CsmcirError(f"image {image_id!r} has no caption in {getattr(dataset, 'captions_file', dataset.root / 'captions.jsonl')}")
+                raise CsmcirError(f"image {image_id!r} has no caption in {dataset.captions_file}")
             out.append("")
         else:
             out.append(caption_text(cap, levels))
