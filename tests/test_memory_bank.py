@@ -127,3 +127,36 @@ def test_drift_is_zero_for_unchanged_embeddings_and_grows_with_change():
     slots = torch.arange(3)
     assert b.drift(slots, e) == pytest.approx(0.0, abs=1e-6)
     assert b.drift(slots, -e) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_bank_nce_puts_the_momentum_key_first_against_the_bank():
+    from csmcir.losses import bank_nce
+
+    torch.manual_seed(1)
+    q, k = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    bank = F.normalize(torch.randn(5, 4), dim=1)
+    bias = torch.zeros(3, 5)
+    bias[1, 2] = float("-inf")
+    ls = torch.tensor(math.log(10.0))
+    logits = torch.cat([10 * (q * k).sum(1, keepdim=True), 10 * q @ bank.T + bias], 1)
+    torch.testing.assert_close(bank_nce(q, k, bank, bias, ls), -torch.log_softmax(logits, 1)[:, 0].mean())
+
+
+def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(tmp_path):
+    from csmcir.lightning.module import CIRModule
+
+    m = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9})
+    assert m.ema_model is not None and not any(p.requires_grad for p in m.ema_model.parameters())
+    assert all(not n.startswith("ema_model") for n, p in m.named_parameters() if p.requires_grad)
+    p0 = next(m.model.parameters())
+    e0 = next(m.ema_model.parameters())
+    before = e0.detach().clone()
+    with torch.no_grad():
+        p0.add_(1.0)
+    m.on_train_batch_end(None, None, 0)
+    torch.testing.assert_close(e0, before + 0.1)  # ema <- 0.9 ema + 0.1 model
+    sd = m.state_dict()
+    assert any(k.startswith("ema_model.") for k in sd)
+    m2 = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9})
+    m2.load_state_dict(sd)
+    torch.testing.assert_close(next(m2.ema_model.parameters()), e0)

@@ -28,6 +28,8 @@ VARIANTS = {
     # memory bank (issue 3, docs/memory_bank.md); "symmetric" is its in-batch-only control
     "fifo_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": null, "half_life": null, "min_fraction": 1.0}'],
     "entropy_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25}'],
+    # the same rule with momentum keys: an EMA copy of the tower encodes the bank and the bank term's positive
+    "momentum_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99}'],
 }
 # equal wall-clock: the in-batch run's 585 steps cost as much as 580 FIFO or 566 entropy-bank steps
 # (per-step bank work measured by tools/bench_memory_bank.py: +0.9 % and +3.4 %; docs/memory_bank.md)

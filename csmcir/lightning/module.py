@@ -7,6 +7,7 @@ optimisation, distributed gathering and evaluation.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -14,7 +15,7 @@ import lightning as L
 import torch
 
 from ..config import get_model_config
-from ..losses import InfoNCELoss, MemoryBank, same_target_mask
+from ..losses import InfoNCELoss, MemoryBank, bank_nce, same_target_mask
 from ..models import CIRDualTower
 from ..inference import CHECKPOINT_KEY
 from ..retrieval.evaluate import evaluate_embeddings, protocol_metrics
@@ -67,6 +68,11 @@ class CIRModule(L.LightningModule):
         # extra negatives from earlier steps (csmcir/losses/memory_bank.py); off by default until
         # its ablation shows it helps
         self.bank = MemoryBank(self.model_config.embed_dim, **memory_bank) if memory_bank else None
+        # with a momentum bank: an EMA copy of the tower encodes the bank's keys (saved in
+        # checkpoints as ema_model.*; inference reads model.* only)
+        self.ema_model = None
+        if self.bank is not None and self.bank.momentum is not None:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
         self._eval: dict[str, dict[str, list]] = {}
 
     # -- training ----------------------------------------------------------------------------
@@ -91,7 +97,7 @@ class CIRModule(L.LightningModule):
             rows = torch.cat([rows, batch["ref_row"]])
         c = self.model.encode(ids, mask, image_features=features)
         t, neg, neg_rows = c[:bs], c[bs:], rows[bs:]
-        target_rows = rows[:bs]
+        target_rows = local_rows = rows[:bs]
         offset = 0
         gathered = self.hparams.gather_negatives and self.trainer.world_size > 1
         if gathered:
@@ -106,6 +112,7 @@ class CIRModule(L.LightningModule):
         cand_rows = torch.cat([target_rows, neg_rows])
         mask = same_target_mask(cand_rows, batch["all_targets"])
         extra = extra_bias = None
+        key = None
         if self.bank is not None:
             step = int(self.global_step)
             self.bank.evict(step)
@@ -118,12 +125,19 @@ class CIRModule(L.LightningModule):
             # a copy: the enqueue below writes the buffer before backward needs it
             extra, extra_bias = self.bank.emb.clone(), self.bank.bias(q, scale, batch["all_targets"], step, batch_logits)
             self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
-        bank_kw = {} if extra is None else {"extra": extra, "extra_bias": extra_bias}
+            if self.ema_model is not None:
+                with torch.no_grad():  # this rank's targets through the momentum encoder
+                    key = self.ema_model.encode(batch["caption_ids"], batch["caption_mask"], pixels=batch["target"])
+        bank_kw = {} if extra is None or key is not None else {"extra": extra, "extra_bias": extra_bias}
         loss = self.loss(q, cand, mask, query_offset=offset, **bank_kw)
+        if key is not None:
+            l_bank = bank_nce(q, key, extra, extra_bias, self.loss.logit_scale.clamp(max=self.loss.max_log_scale))
+            self.log("train/loss_bank", l_bank, batch_size=bs)
+            loss = loss + self.bank.weight * l_bank
         if self.bank is not None:
             # every rank enqueues the same, gathered positives, so the banks stay identical
-            bank_t, bank_rows = t.detach(), target_rows
-            if not gathered and self.trainer.world_size > 1:
+            bank_t, bank_rows = (t.detach(), target_rows) if key is None else (key, local_rows)
+            if (key is not None or not gathered) and self.trainer.world_size > 1:
                 bank_t = self.all_gather(bank_t).flatten(0, 1)
                 bank_rows = self.all_gather(bank_rows).flatten(0, 1)
             if self.bank.drift_every and self.global_step % self.bank.drift_every == 0:
@@ -150,8 +164,18 @@ class CIRModule(L.LightningModule):
         n = int(store.caption_lengths[rows].max())
         ids = store.caption_ids[rows, :n].long().to(self.device)
         mask = (torch.arange(n)[None, :] < store.caption_lengths[rows][:, None]).long().to(self.device)
-        fresh = self.model.encode(ids, mask, pixels=store.images[rows].to(self.device))
+        encoder = self.model if self.ema_model is None else self.ema_model  # the encoder that made the entries
+        fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device))
         return self.bank.drift(slots, fresh)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema_model is not None:  # after the optimizer step: ema = m * ema + (1 - m) * model
+            m = self.bank.momentum
+            for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
+                pe.lerp_(p.detach(), 1 - m)
+            for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
+                be.copy_(b)
 
     def on_train_epoch_end(self):
         if self.bank is not None and self.trainer.world_size > 1:

@@ -16,6 +16,11 @@ Rule (``docs/memory_bank.md`` will carry the measurements; this is the definitio
   entropy in [0, 1]. Query ``i`` keeps its ``k_i = ceil(n_bank * (min_fraction + (1 -
   min_fraction) * h_i))`` most similar bank entries: a confident query (low entropy) gets only
   the hardest negatives, an uncertain one a broad set. Selection is computed without gradient.
+* **Momentum keys** (``momentum`` set): the LightningModule keeps an exponential moving average
+  (EMA) copy of the dual tower; bank entries are the EMA's target embeddings, and the bank enters
+  through its own term :func:`bank_nce`, whose positive is the EMA embedding of the query's own
+  target (as in MoCo and ALBEF). Positive and bank negatives then come from one slowly moving
+  encoder, so the trained model cannot lower the term by drifting away from old entries.
 * **Plain FIFO** (MoCo-style, the ablation's control): ``max_age=None, half_life=None,
   min_fraction=1`` turns off eviction, decay and selection; only the id masking stays.
 
@@ -30,7 +35,22 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MemoryBank"]
+__all__ = ["MemoryBank", "bank_nce"]
+
+
+def bank_nce(query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor, bank_bias: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of each query against its momentum key (the positive) and the bank entries:
+    ``-log softmax([s q.k, s q.m_j + bias_j])[0]``, averaged; ``s = exp(logit_scale)``.
+
+    Args:
+        query: ``[B, D]`` L2-normalised queries (with gradient).
+        key: ``[B, D]`` momentum-encoder embeddings of each query's target (no gradient).
+        bank: ``[M, D]`` bank entries; ``bank_bias``: ``[B, M]`` from :meth:`MemoryBank.bias`.
+    """
+    s = logit_scale.exp()
+    pos = s * (query * key.detach()).sum(1, keepdim=True)
+    logits = torch.cat([pos, s * query @ bank.detach().t() + bank_bias], 1)
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
 
 
 class MemoryBank(nn.Module):
@@ -45,12 +65,20 @@ class MemoryBank(nn.Module):
         min_fraction: the share of the bank a zero-entropy query still keeps (its hardest);
             ``1`` keeps every entry for every query (no entropy selection).
         drift_every: every this many steps the trainer re-encodes up to ``drift_sample`` entries
-            with the current model and logs their mean cosine drift (0 turns it off).
+            with the encoder that made them (the EMA copy with ``momentum``, else the trained
+            model) and logs their mean cosine drift (0 turns it off).
+        momentum: ``None`` (entries are the trained model's targets, extra negatives of the main
+            loss) or the EMA momentum of a key encoder (e.g. 0.99; see the module docstring).
+        weight: weight of the :func:`bank_nce` term (with ``momentum``).
     """
 
     def __init__(self, dim: int, capacity: int = 4096, max_age: int | None = 200, half_life: float | None = 100.0,
-                 min_fraction: float = 0.25, drift_every: int = 50, drift_sample: int = 64):
+                 min_fraction: float = 0.25, drift_every: int = 50, drift_sample: int = 64, momentum: float | None = None,
+                 weight: float = 1.0):
         super().__init__()
+        if momentum is not None and not 0 <= momentum < 1:
+            raise ValueError("memory bank momentum must be in [0, 1) or null")
+        self.momentum, self.weight = momentum, float(weight)
         if capacity < 1 or (max_age is not None and max_age < 0) or (half_life is not None and half_life <= 0) or not 0 < min_fraction <= 1:
             raise ValueError("memory bank needs capacity >= 1, max_age >= 0 or null, half_life > 0 or null, 0 < min_fraction <= 1")
         self.capacity, self.max_age, self.min_fraction = capacity, max_age, min_fraction
