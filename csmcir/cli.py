@@ -54,7 +54,8 @@ def cmd_index(a) -> None:
     ids = ds.gallery(a.split)
     texts = gallery_texts(enc, ds, ids)
     emb = embed_pairs(enc, ds, ids, texts, a.batch_size, desc=f"embedding {a.split} gallery", partial=out / ".embeddings.partial.npz")
-    info = {"checkpoint": str(a.ckpt), "dataset": a.dataset, "root": str(a.root), "split": a.split, "target_text": enc.text.get("target_text")}
+    info = {"checkpoint": str(a.ckpt), "dataset": a.dataset, "root": str(Path(a.root).resolve()), "split": a.split,
+            "category": a.category, "target_text": enc.text.get("target_text")}
     index = GalleryIndex.build(emb, ids, kind=a.index_type, info=info)
     captions = ds.captions() if enc.text.get("target_text", "caption") != "none" else {}
     write_captions(out / "captions.jsonl", [captions[i] for i in ids if i in captions])
@@ -248,6 +249,57 @@ def cmd_caption_merge(a) -> None:
     print(json.dumps({"out": str(a.out), **merge_stores(a.out, a.shards)}))
 
 
+# -- report / serve -----------------------------------------------------------------------------
+def cmd_report(a) -> None:
+    import torch
+
+    from .report import write_report
+    from .retrieval.embed import embed_pairs, gallery_texts
+    from .retrieval.metrics import topk_rankings
+
+    if a.k < 1 or (a.limit is not None and a.limit < 1):
+        raise CsmcirError("-k and --limit must be at least 1")
+    enc = _load_encoder(a)
+    ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
+    ds.validate(a.split)
+    triplets = ds.triplets(a.split)[: a.limit]
+    gallery = ds.gallery(a.split)
+    texts = gallery_texts(enc, ds, gallery, missing_caption="empty")
+    g = embed_pairs(enc, ds, gallery, texts, a.batch_size, desc=f"embedding {a.split} gallery")
+    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {a.split} queries")
+    pos = {gid: j for j, gid in enumerate(gallery)}
+    exclude = [pos.get(t.reference) for t in triplets] if ds.remove_reference else None
+    idx, scores = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), a.k, exclude=exclude)
+    queries, groups = [], {}
+    for t, row, sc in zip(triplets, idx.tolist(), scores.tolist()):
+        group = t.meta.get("type") or (t.id.split("/")[0] if "/" in t.id else None)
+        queries.append({"id": t.id, "reference": t.reference, "text": t.text, "group": group, "targets": list(t.targets),
+                        "hits": [[gallery[j], s] for j, s in zip(row, sc)]})
+    scored = [qq for qq in queries if qq["targets"]]
+
+    def recall(qs):
+        out = {}
+        for k in (1, 5, 10):
+            if k <= a.k and qs:
+                out[f"R@{k}"] = 100.0 * sum(any(h[0] in set(x["targets"]) for h in x["hits"][:k]) for x in qs) / len(qs)
+        return out
+
+    for qq in scored:
+        groups.setdefault(qq["group"] or "all", []).append(qq)
+    group_metrics = {name: {**recall(qs), "queries": len(qs)} for name, qs in groups.items()} if len(groups) > 1 else {}
+    captions = ds.captions() if enc.text.get("target_text", "caption") != "none" else {}
+    title = f"csmcir report: {a.dataset} {a.split} ({len(queries)} queries, top {a.k}) - {Path(a.ckpt).name}"
+    index = write_report(a.out, queries, ds.load_image, captions, title, recall(scored), group_metrics,
+                         thumb_size=a.thumb_size, progress=not a.no_progress)
+    print(f"wrote {index} ({len(queries)} queries; open it in a browser)")
+
+
+def cmd_serve(a) -> None:
+    from .report.serve import serve
+
+    serve(a.index, a.ckpt, host="127.0.0.1", port=a.port, device=a.device, k=a.k, max_upload_mb=a.max_upload_mb)
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -402,6 +454,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="merged store to write")
     s.add_argument("shards", nargs="+", help="shard stores written by `csmcir caption --shard i/n`")
     s.set_defaults(func=cmd_caption_merge)
+    s = sub.add_parser(
+        "report",
+        help="a static HTML report: each query's top-k hits with captions, ground truth and failures",
+        description=(
+            "Rank a split with a checkpoint and write DIR/index.html, which opens from disk: per query the "
+            "reference and text, the top-k thumbnails with scores, the ground truth marked, each hit's MCoT "
+            "caption levels with the words it shares with the query highlighted; recall per modification "
+            "type (or category) with links to the failures; 20 queries a page."
+        ),
+    )
+    common(s)
+    s.add_argument("--out", required=True, help="report folder to write (index.html, data.js, report.js, thumbs/)")
+    s.add_argument("-k", type=int, default=10, help="hits shown per query (default 10)")
+    s.add_argument("--limit", type=int, help="only the first N queries of the split")
+    s.add_argument("--thumb-size", type=int, default=96, help="thumbnail side in pixels (default 96)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser(
+        "serve",
+        help="a local search page (127.0.0.1): upload a reference image and a text, see the hits",
+        description=(
+            "Serve a page with an upload form on 127.0.0.1 that searches an index written by `csmcir index` "
+            "and shows the hits with their captions. Only the index's gallery images are served; uploads are "
+            "size-limited and must decode as images. Stop with Ctrl-C."
+        ),
+    )
+    common(s, dataset=False)
+    s.add_argument("--index", required=True, help="folder written by `csmcir index`")
+    s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 picks a free one)")
+    s.add_argument("-k", type=int, default=10, help="hits per search (default 10)")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
