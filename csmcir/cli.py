@@ -300,6 +300,49 @@ def cmd_serve(a) -> None:
     serve(a.index, a.ckpt, host="127.0.0.1", port=a.port, device=a.device, k=a.k, max_upload_mb=a.max_upload_mb)
 
 
+# -- teacher ------------------------------------------------------------------------------------
+def cmd_teacher(a) -> None:
+    from tqdm import tqdm
+
+    from .captioning import parse_shard, select_ids
+    from .teacher import TeacherEncoder, TeacherStore
+
+    shard = parse_shard(a.shard)
+    if a.batch_size < 1:
+        raise CsmcirError("--batch-size must be at least 1")
+    ds = _open_dataset(a.dataset, a.root, a.category)
+    if a.gallery:
+        items = [(i, i, None) for i in ds.gallery(a.split)]
+    else:
+        items = [(t.id, t.reference, t.text) for t in ds.triplets(a.split)]
+    items = [items[k] for k in select_ids(list(range(len(items))), shard, a.limit)]
+    mode = "fast" if a.gallery else a.mode
+    kind = "gallery" if a.gallery else "query"
+    store = TeacherStore(a.out, model=a.model, mode=mode, layer=a.layer, kind=kind, shard=shard[0])
+    todo = [x for x in items if x[0] not in store.done]
+    missing = [(i, p) for _, i, _ in todo if not (p := ds.image_path(i)).is_file()]
+    if missing:
+        raise CsmcirError(f"{len(missing)} images are missing, first: image {missing[0][0]!r} at {missing[0][1]}: image file not found")
+    enc = TeacherEncoder(a.model, device=a.device, dtype=a.dtype, layer=a.layer, max_new_tokens=a.max_new_tokens,
+                         local_files_only=not a.allow_download)
+    bar = tqdm(total=len(todo), unit="item", desc=f"teacher {kind} ({mode})", disable=a.no_progress, dynamic_ncols=True)
+    for start in range(0, len(todo), a.batch_size):
+        batch = todo[start : start + a.batch_size]
+        emb, reasoning = enc.embed([ds.load_image(i) for _, i, _ in batch], None if a.gallery else [t for _, _, t in batch], mode)
+        store.append([x[0] for x in batch], emb, reasoning if mode == "full" else None)
+        bar.update(len(batch))
+    bar.close()
+    print(json.dumps({"out": str(a.out), "kind": kind, "mode": mode, "model": a.model, "dim": enc.dim, "layer": a.layer,
+                      "selected": len(items), "already_done": len(items) - len(todo), "embedded": len(todo)}))
+
+
+def cmd_teacher_import(a) -> None:
+    from .teacher import import_embeddings
+
+    n = import_embeddings(a.out, a.embeddings, a.ids, a.model, kind=a.kind)
+    print(json.dumps({"out": str(a.out), "imported": n, "kind": a.kind}))
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -487,6 +530,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10, help="hits per search (default 10)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     s.set_defaults(func=cmd_serve)
+    s = sub.add_parser(
+        "teacher",
+        help="CIR-CoT teacher embeddings: an MLLM's hidden state at an <emb> token, per query (or gallery image)",
+        description=(
+            "Embed a split's queries (reference image + modification text) with an MLLM prompted CIR-CoT style: "
+            "in full mode it writes Caption, Reasoning and Conclusion, then <emb> is appended and its hidden state "
+            "(--layer) is the embedding; in fast mode <emb> follows the prompt directly. --gallery embeds the split's "
+            "gallery images instead (fast). Writes a safetensors store folder (parts of [n, dim] with their ids, "
+            "store.json, the reasoning text); rerun to resume, --shard i/n to split across processes into the same folder."
+        ),
+    )
+    s.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark")
+    s.add_argument("--root", required=True, help="dataset folder")
+    s.add_argument("--split", required=True, help="split whose queries (or gallery) to embed")
+    s.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category (default: all three)")
+    s.add_argument("--model", required=True, help="local folder or hub id of an image-text-to-text MLLM")
+    s.add_argument("--mode", default="fast", choices=["fast", "full"], help="fast (default): <emb> right away; full: reason first")
+    s.add_argument("--gallery", action="store_true", help="embed the split's gallery images instead of its queries")
+    s.add_argument("--layer", type=int, default=-1, help="hidden state to read (default -1, the last layer)")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="full mode: reasoning length limit (default 128)")
+    s.add_argument("--out", required=True, help="store folder to create or resume")
+    s.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default 8)")
+    s.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, ...")
+    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    s.add_argument("--limit", type=int, help="only the first N items of this shard")
+    s.add_argument("--shard", help="i/n: every n-th item from position i")
+    s.add_argument("--allow-download", action="store_true", help="let transformers fetch --model from the hub")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_teacher)
+
+    s = sub.add_parser("teacher-import", help="import teacher embeddings computed elsewhere into a store folder",
+                       description="From a .safetensors file (tensor 'embeddings' [N, dim], metadata 'ids' = JSON list) "
+                                   "or an .npy array [N, dim] with --ids (a text file, one id a line).")
+    s.add_argument("--embeddings", required=True, help=".safetensors or .npy file")
+    s.add_argument("--ids", help="with .npy: the ids, one a line, in row order")
+    s.add_argument("--model", required=True, help="name of the model that made them (stored)")
+    s.add_argument("--kind", default="query", choices=["query", "gallery"])
+    s.add_argument("--out", required=True, help="store folder to write")
+    s.set_defaults(func=cmd_teacher_import)
     return p
 
 

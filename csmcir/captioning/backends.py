@@ -53,6 +53,29 @@ def resolve_dtype(dtype: str, device: str):
     return table[dtype]
 
 
+def load_mllm(model: str, device: str, dtype, local_files_only: bool = True, **processor_kw):
+    """``(processor, model)`` of an image-text-to-text MLLM, on ``device`` in eval mode, its
+    tokenizer left-padded (every row of a batch ends at its last real token)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model, local_files_only=local_files_only, **processor_kw)
+        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, local_files_only=local_files_only)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        if "torchvision" in str(e).lower() or "video processor" in msg.lower():
+            msg += " (transformers 5 loads Qwen-VL processors with their video processor, which needs torchvision: install the torchvision build matching your torch)"
+        raise CsmcirError(f"cannot load MLLM {model!r}: {msg}") from None
+    net.to(device).eval()
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or getattr(processor, "chat_template", None) is None and getattr(tok, "chat_template", None) is None:
+        raise CsmcirError(f"MLLM {model!r} has no tokenizer with a chat template: not an instruction-tuned image-text-to-text model")
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return processor, net
+
+
 class TransformersBackend:
     """An MLLM through ``AutoProcessor`` + ``AutoModelForImageTextToText``.
 
@@ -72,7 +95,6 @@ class TransformersBackend:
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  min_pixels: int | None = None, max_pixels: int | None = None, local_files_only: bool = True):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.model_id = model
         self.device = resolve_device(device)
@@ -80,27 +102,13 @@ class TransformersBackend:
         self.gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
         if do_sample:
             self.gen.update(temperature=temperature, top_p=top_p)
-        proc_kw: dict[str, Any] = {"local_files_only": local_files_only}
+        proc_kw: dict[str, Any] = {}
         if min_pixels is not None:
             proc_kw["min_pixels"] = min_pixels
         if max_pixels is not None:
             proc_kw["max_pixels"] = max_pixels
         self.pixels = {k: proc_kw[k] for k in ("min_pixels", "max_pixels") if k in proc_kw}
-        try:
-            self.processor = AutoProcessor.from_pretrained(model, **proc_kw)
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype, local_files_only=local_files_only)
-        except (OSError, ValueError, KeyError, ImportError) as e:
-            msg = (str(e).splitlines() or [type(e).__name__])[0]
-            if "torchvision" in str(e).lower() or "video processor" in msg.lower():
-                msg += " (transformers 5 loads Qwen-VL processors with their video processor, which needs torchvision: install the torchvision build matching your torch)"
-            raise CsmcirError(f"cannot load MLLM {model!r}: {msg}") from None
-        self.model.to(self.device).eval()
-        tok = getattr(self.processor, "tokenizer", None)
-        if tok is None or getattr(self.processor, "chat_template", None) is None and getattr(tok, "chat_template", None) is None:
-            raise CsmcirError(f"MLLM {model!r} has no tokenizer with a chat template: not an instruction-tuned image-text-to-text model")
-        tok.padding_side = "left"  # generation continues every row from its last token
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+        self.processor, self.model = load_mllm(model, self.device, self.dtype, local_files_only, **proc_kw)
         self._torch = torch
 
     def settings(self) -> dict[str, Any]:
