@@ -314,25 +314,45 @@ def cmd_teacher(a) -> None:
     if a.gallery:
         items = [(i, i, None) for i in ds.gallery(a.split)]
     else:
-        items = [(t.id, t.reference, t.text) for t in ds.triplets(a.split)]
+        triplets = {t.id: t for t in ds.triplets(a.split)}
+        items = [(t.id, t.reference, t.text) for t in triplets.values()]
     items = [items[k] for k in select_ids(list(range(len(items))), shard, a.limit)]
-    mode = "fast" if a.gallery else a.mode
     kind = "gallery" if a.gallery else "query"
-    store = TeacherStore(a.out, model=a.model, mode=mode, layer=a.layer, kind=kind, shard=shard[0])
+    if a.backend == "oracle":
+        from .teacher.oracle import ORACLE_MODEL_ID, OracleTeacher
+
+        model_id, mode = ORACLE_MODEL_ID, "oracle"
+    else:
+        if not a.model:
+            raise CsmcirError("--backend mllm needs --model (a local folder or a hub id)")
+        model_id, mode = a.model, "fast" if a.gallery else a.mode
+    store = TeacherStore(a.out, model=model_id, mode=mode, layer=a.layer, kind=kind, shard=shard[0])
     todo = [x for x in items if x[0] not in store.done]
-    missing = [(i, p) for _, i, _ in todo if not (p := ds.image_path(i)).is_file()]
-    if missing:
-        raise CsmcirError(f"{len(missing)} images are missing, first: image {missing[0][0]!r} at {missing[0][1]}: image file not found")
-    enc = TeacherEncoder(a.model, device=a.device, dtype=a.dtype, layer=a.layer, max_new_tokens=a.max_new_tokens,
-                         local_files_only=not a.allow_download)
+    if a.backend == "oracle":
+        enc = OracleTeacher(a.root)
+
+        def embed(batch):
+            if a.gallery:
+                return enc.embed_images([x[0] for x in batch]), None
+            return enc.embed_queries([triplets[x[0]] for x in batch])
+    else:
+        missing = [(i, p) for _, i, _ in todo if not (p := ds.image_path(i)).is_file()]
+        if missing:
+            raise CsmcirError(f"{len(missing)} images are missing, first: image {missing[0][0]!r} at {missing[0][1]}: image file not found")
+        enc = TeacherEncoder(a.model, device=a.device, dtype=a.dtype, layer=a.layer, max_new_tokens=a.max_new_tokens,
+                             local_files_only=not a.allow_download)
+
+        def embed(batch):
+            emb, reasoning = enc.embed([ds.load_image(i) for _, i, _ in batch], None if a.gallery else [t for _, _, t in batch], mode)
+            return emb, reasoning if mode == "full" else None
     bar = tqdm(total=len(todo), unit="item", desc=f"teacher {kind} ({mode})", disable=a.no_progress, dynamic_ncols=True)
     for start in range(0, len(todo), a.batch_size):
         batch = todo[start : start + a.batch_size]
-        emb, reasoning = enc.embed([ds.load_image(i) for _, i, _ in batch], None if a.gallery else [t for _, _, t in batch], mode)
-        store.append([x[0] for x in batch], emb, reasoning if mode == "full" else None)
+        emb, reasoning = embed(batch)
+        store.append([x[0] for x in batch], emb, reasoning)
         bar.update(len(batch))
     bar.close()
-    print(json.dumps({"out": str(a.out), "kind": kind, "mode": mode, "model": a.model, "dim": enc.dim, "layer": a.layer,
+    print(json.dumps({"out": str(a.out), "kind": kind, "mode": mode, "model": model_id, "dim": enc.dim, "layer": a.layer,
                       "selected": len(items), "already_done": len(items) - len(todo), "embedded": len(todo)}))
 
 
@@ -545,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", required=True, help="dataset folder")
     s.add_argument("--split", required=True, help="split whose queries (or gallery) to embed")
     s.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category (default: all three)")
-    s.add_argument("--model", required=True, help="local folder or hub id of an image-text-to-text MLLM")
+    s.add_argument("--backend", default="mllm", choices=["mllm", "oracle"],
+                   help="mllm (default): a transformers MLLM; oracle: the synthetic benchmark's reasoning oracle + MiniLM, "
+                        "a STAND-IN for a real CIR-CoT model (see csmcir/teacher/oracle.py)")
+    s.add_argument("--model", help="mllm backend: local folder or hub id of an image-text-to-text MLLM")
     s.add_argument("--mode", default="fast", choices=["fast", "full"], help="fast (default): <emb> right away; full: reason first")
     s.add_argument("--gallery", action="store_true", help="embed the split's gallery images instead of its queries")
     s.add_argument("--layer", type=int, default=-1, help="hidden state to read (default -1, the last layer)")

@@ -48,6 +48,11 @@ class CIRDataModule(L.LightningDataModule):
             features, so it costs one Q-Former pass and no vision pass.
         batch_size: training batch per process; ``eval_batch_size`` for evaluation.
         num_workers: DataLoader workers (0 is right for in-memory data).
+        teacher: a ``csmcir teacher`` store folder of query embeddings (``model.distill`` uses them);
+            every training query must be in it; evaluation splits found in it log the student's
+            agreement with the teacher.
+        teacher_gallery: the store folder of the teacher's image embeddings (``csmcir teacher
+            --gallery``), for relational distillation and the agreement's top-10 overlap.
     """
 
     def __init__(
@@ -73,6 +78,8 @@ class CIRDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        teacher: str | None = None,
+        teacher_gallery: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -130,7 +137,36 @@ class CIRDataModule(L.LightningDataModule):
                 image_size=h.image_size,
                 missing_caption=h.missing_caption,
             )
+            if h.teacher or h.teacher_gallery:
+                self._attach_teacher(self.stores[split], required=split == h.train_split)
         return self.stores[split]
+
+    def _attach_teacher(self, store: SplitStore, required: bool) -> None:
+        """Align the teacher stores with ``store``'s queries and image rows. A training query or
+        image missing from them is an error naming it; an evaluation split they do not cover is
+        left without (no agreement logged for it)."""
+        import torch
+
+        from ..teacher import read_teacher_store
+
+        h = self.hparams
+        for path, ids, attr in ((h.teacher, [t.id for t in store.triplets], "teacher_query"),
+                                (h.teacher_gallery, store.image_ids, "teacher_image")):
+            if not path:
+                continue
+            if not hasattr(self, "_teacher_cache"):
+                self._teacher_cache = {}
+            if path not in self._teacher_cache:
+                _, t_ids, emb = read_teacher_store(path)
+                self._teacher_cache[path] = ({i: k for k, i in enumerate(t_ids)}, torch.from_numpy(emb.astype("float32")))
+            pos, emb = self._teacher_cache[path]
+            missing = [i for i in ids if i not in pos]
+            if missing:
+                if required:
+                    raise CsmcirError(f"teacher store {path} has no embedding for {missing[0]!r} "
+                                      f"({len(missing)} of split '{store.split}' missing; run `csmcir teacher` on it)")
+                continue
+            setattr(store, attr, emb[torch.tensor([pos[i] for i in ids])])
 
     def setup(self, stage: str) -> None:
         h = self.hparams

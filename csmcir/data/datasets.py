@@ -49,6 +49,10 @@ class TrainTriplets(Dataset):
             "target_row": t,
             "all_targets": self.all_targets[i],
         }
+        if s.teacher_query is not None:
+            item["teacher_query"] = s.teacher_query[i]
+        if s.teacher_image is not None:
+            item["teacher_target"] = s.teacher_image[t]
         if self.ref_neg:
             # the image is the reference already in the item: the model reuses its features
             item.update(ref_caption_ids=s.caption_ids[r], ref_caption_len=s.caption_lengths[r], ref_row=r)

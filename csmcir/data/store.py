@@ -88,6 +88,9 @@ class SplitStore:
     # forms); None when no query has any. Padded by repeating the query's own text.
     train_text_ids: torch.Tensor | None = None  # [Q, A, L] int32
     train_text_lengths: torch.Tensor | None = None  # [Q, A]
+    # CIR-CoT teacher embeddings (csmcir teacher), when configured: per query, per image row
+    teacher_query: torch.Tensor | None = None  # [Q, Dt] float32
+    teacher_image: torch.Tensor | None = None  # [N, Dt] float32
 
     @property
     def num_queries(self) -> int:

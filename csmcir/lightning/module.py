@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from ..config import get_model_config
-from ..losses import InfoNCELoss, MemoryBank, bank_nce, same_target_mask
+from ..losses import DistillHead, InfoNCELoss, MemoryBank, bank_nce, feature_distill_loss, relational_distill_loss, same_target_mask
 from ..models import CIRDualTower
 from ..inference import CHECKPOINT_KEY
 from ..retrieval.evaluate import evaluate_embeddings, protocol_metrics
@@ -42,6 +42,11 @@ class CIRModule(L.LightningModule):
             :class:`~csmcir.losses.MemoryBank` (``capacity``, ``max_age``, ``half_life``,
             ``min_fraction``): target embeddings of earlier steps as extra negatives, weighted by
             age and selected by each query's entropy. Experimental: not yet ablated.
+        distill: ``null`` (default) or distillation from a CIR-CoT teacher (``data.teacher``):
+            ``teacher_dim`` (required), ``feature`` (``cosine``, ``mse`` or ``null``),
+            ``feature_weight`` (1.0), ``relational_weight`` (0.0; needs ``data.teacher_gallery``),
+            ``temperature`` (0.05), ``hidden`` (0: a linear head). See
+            :mod:`csmcir.losses.distill`; the head is dropped at inference.
         eval_ks: the K of the logged Recall@K.
     """
 
@@ -58,6 +63,7 @@ class CIRModule(L.LightningModule):
         bidirectional: bool = True,
         gather_negatives: bool = True,
         memory_bank: dict[str, Any] | None = None,
+        distill: dict[str, Any] | None = None,
         eval_ks: list[int] = [1, 5, 10, 50],
     ):
         super().__init__()
@@ -73,6 +79,16 @@ class CIRModule(L.LightningModule):
         self.ema_model = None
         if self.bank is not None and self.bank.momentum is not None:
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.distill = None
+        self.distill_head = None
+        if distill:
+            known = {"teacher_dim", "feature", "feature_weight", "relational_weight", "temperature", "hidden"}
+            if set(distill) - known or "teacher_dim" not in distill:
+                raise ValueError(f"model.distill takes {sorted(known)} (teacher_dim required), got {sorted(distill)}")
+            self.distill = {"feature": "cosine", "feature_weight": 1.0, "relational_weight": 0.0, "temperature": 0.05, "hidden": 0, **distill}
+            if self.distill["feature"] not in ("cosine", "mse", None):
+                raise ValueError("model.distill.feature must be cosine, mse or null")
+            self.distill_head = DistillHead(self.model_config.embed_dim, int(self.distill["teacher_dim"]), int(self.distill["hidden"]))
         self._eval: dict[str, dict[str, list]] = {}
 
     # -- training ----------------------------------------------------------------------------
@@ -145,9 +161,54 @@ class CIRModule(L.LightningModule):
                 if drift is not None:
                     self.log("train/bank_drift", drift, batch_size=bs)
             self.bank.enqueue(bank_t, bank_rows, int(self.global_step))
+        if self.distill is not None:
+            loss = loss + self._distill_loss(q, t[offset : offset + bs] if gathered else t, batch, bs)
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", self.loss.temperature, batch_size=bs)
         return loss
+
+    def setup(self, stage: str) -> None:
+        if self.distill is None or stage != "fit":
+            return
+        dm = self.trainer.datamodule
+        store = dm.stores.get(dm.hparams.train_split) if hasattr(dm, "stores") else None
+        from ..errors import CsmcirError
+
+        if store is None or store.teacher_query is None:
+            raise CsmcirError("model.distill is set but no teacher embeddings were loaded: set data.teacher (a `csmcir teacher` store)")
+        if store.teacher_query.shape[1] != self.distill["teacher_dim"]:
+            raise CsmcirError(f"teacher store {dm.hparams.teacher} holds {store.teacher_query.shape[1]}-d embeddings "
+                              f"but model.distill.teacher_dim is {self.distill['teacher_dim']}")
+        if self.distill["relational_weight"] and store.teacher_image is None:
+            raise CsmcirError("relational distillation needs the teacher's image embeddings: set data.teacher_gallery")
+
+    def _distill_loss(self, q: torch.Tensor, t: torch.Tensor, batch: dict, bs: int) -> torch.Tensor:
+        """Feature and relational distillation of this rank's queries (module docstring)."""
+        d = self.distill
+        if "teacher_query" not in batch:
+            raise RuntimeError("model.distill is set but the batch has no teacher embeddings: set data.teacher")
+        tq = batch["teacher_query"]
+        if tq.shape[1] != d["teacher_dim"]:
+            raise ValueError(f"teacher embeddings are {tq.shape[1]}-d but model.distill.teacher_dim is {d['teacher_dim']}")
+        total = q.new_zeros(())
+        if d["feature"] and d["feature_weight"]:
+            f = feature_distill_loss(self.distill_head(q), tq, d["feature"])
+            self.log("train/loss_distill_feature", f, batch_size=bs)
+            total = total + d["feature_weight"] * f
+        if d["relational_weight"]:
+            if "teacher_target" not in batch:
+                raise RuntimeError("relational distillation needs the teacher's image embeddings: set data.teacher_gallery")
+            st, tt = t, batch["teacher_target"]
+            if self.bank is not None and self.bank.momentum is None and len(self.bank):
+                # the bank's entries are training-store rows: their teacher embeddings are known
+                valid = self.bank.valid()
+                images = self.trainer.datamodule.stores[self.trainer.datamodule.hparams.train_split].teacher_image
+                st = torch.cat([st, self.bank.emb[valid].detach()])
+                tt = torch.cat([tt, images[self.bank.ids[valid].cpu()].to(tt.device)])
+            r = relational_distill_loss(q, st, tq, tt, d["temperature"])
+            self.log("train/loss_distill_relational", r, batch_size=bs)
+            total = total + d["relational_weight"] * r
+        return total
 
     @torch.no_grad()
     def _bank_drift(self) -> float | None:
@@ -254,9 +315,34 @@ class CIRModule(L.LightningModule):
             # the stage's main split logs as val/R@1 or test/R@1; others as test/<split>/R@1
             main = dm.hparams.val_split if stage == "validate" else list(dm.hparams.test_splits)[0]
             name = prefix if split == main else f"{prefix}/{split}"
+            if self.distill_head is not None:
+                metrics.update(self._teacher_agreement(store, q, g, q_idx, g_idx, getattr(dm, "remove_reference", True)))
             for k, v in metrics.items():
                 self.log(f"{name}/{k}", v, rank_zero_only=False, sync_dist=False)
         self._eval = {}
+
+    @torch.no_grad()
+    def _teacher_agreement(self, store, q, g, q_idx, g_idx, exclude_reference: bool) -> dict[str, float]:
+        """``teacher_cos``: mean cosine of head(student query) and the teacher's query embedding;
+        ``teacher_top10_overlap``: mean share of the student's top 10 also in the teacher's."""
+        from ..retrieval.metrics import topk_rankings
+
+        out = {}
+        if store.teacher_query is None:
+            return out
+        tq = torch.nn.functional.normalize(store.teacher_query[q_idx.cpu()].to(q.device), dim=1)
+        out["teacher_cos"] = float((torch.nn.functional.normalize(self.distill_head(q), dim=1) * tq).sum(1).mean())
+        if store.teacher_image is not None:
+            rows = store.gallery_rows[g_idx.cpu()]
+            tg = torch.nn.functional.normalize(store.teacher_image[rows].to(q.device), dim=1)
+            pos = {int(r): j for j, r in enumerate(rows.tolist())}
+            exclude = [pos.get(int(store.ref_rows[i])) for i in q_idx.tolist()] if exclude_reference else None
+            k = min(10, len(rows) - (1 if exclude else 0))
+            s_top, _ = topk_rankings(q, g, k, exclude=exclude)
+            t_top, _ = topk_rankings(tq, tg, k, exclude=exclude)
+            same = [len(set(a) & set(b)) / k for a, b in zip(s_top.tolist(), t_top.tolist())]
+            out["teacher_top10_overlap"] = 100.0 * sum(same) / len(same)
+        return out
 
     def on_validation_epoch_end(self):
         self._finish_eval("validate", "val")

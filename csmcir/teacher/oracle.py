@@ -1,0 +1,75 @@
+"""An offline stand-in for a CIR-CoT teacher on the synthetic benchmark. NOT a real MLLM.
+
+A "reasoning oracle": for a query it reads the ground-truth scenes, writes Caption (the reference,
+described exactly), Reasoning (the modification text) and Conclusion (the correct target,
+described exactly), and embeds the conclusion with the packaged all-MiniLM-L6-v2 sentence encoder
+(mean pooling, L2-normalised, 384-d). A gallery image is embedded from its exact description. It
+shows what distillation from a teacher that reasons perfectly can give the student; the store it
+writes says ``model: oracle-minilm (stand-in for a CIR-CoT MLLM)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from ..errors import CsmcirError
+
+__all__ = ["OracleTeacher", "ORACLE_MODEL_ID"]
+
+ORACLE_MODEL_ID = "oracle-minilm (stand-in for a CIR-CoT MLLM)"
+
+
+class OracleTeacher:
+    def __init__(self, root, device: str = "cpu"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from ..data.synthetic.builder import gallery_scenes
+        from ..data.synthetic.params import DIFFICULTIES, SynthParams
+        from ..io import read_json
+        from ..tokenizer import minilm_path
+
+        info = read_json(f"{root}/benchmark.json", "synthetic benchmark.json (the oracle teacher needs a synthetic benchmark)")
+        name = info.get("difficulty")
+        params = DIFFICULTIES[name] if name in DIFFICULTIES else SynthParams(**info["params"])
+        # the captioner with every noise rate at 0 describes a scene exactly
+        self.params = dataclasses.replace(params, caption_omit_rate=0.0, caption_error_rate=0.0, caption_drop_object_rate=0.0)
+        self.scenes = gallery_scenes(root)
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.device, self.model_id, self._torch = device, ORACLE_MODEL_ID, torch
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def describe(self, image_id: str) -> str:
+        from ..data.synthetic.captioner import caption_scene
+
+        if image_id not in self.scenes:
+            raise CsmcirError(f"scenes.jsonl has no scene for image {image_id!r}")
+        return caption_scene(self.scenes[image_id], np.random.default_rng(0), self.params).final
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return torch.nn.functional.normalize(pooled, dim=1).float().cpu().numpy()
+
+    def embed_queries(self, triplets) -> tuple[np.ndarray, list[str]]:
+        conclusions, reasoning = [], []
+        for t in triplets:
+            target = self.describe(t.targets[0])
+            conclusions.append(target)
+            reasoning.append(json.dumps({"caption": self.describe(t.reference), "reasoning": t.text, "conclusion": target}))
+        return self.encode_texts(conclusions), reasoning
+
+    def embed_images(self, image_ids: list[str]) -> np.ndarray:
+        return self.encode_texts([self.describe(i) for i in image_ids])
