@@ -1,8 +1,8 @@
 """The ``csmcir`` command.
 
 ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (``csmcir fit --help``); the
-stage commands (``synth``, ``index``, ``search``, ``rank``) each read files and write files for
-the next stage. User errors print one line (``error: ...``) and exit with status 2.
+stage commands (``synth``, ``caption``, ``teacher``, ``index``, ``search``, ``rank``, ``evaluate``,
+``submit``, ``report``, ``serve``) each read files and write files for the next stage. User errors print one line (``error: ...``) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -288,6 +288,12 @@ def cmd_report(a) -> None:
         groups.setdefault(qq["group"] or "all", []).append(qq)
     group_metrics = {name: {**recall(qs), "queries": len(qs)} for name, qs in groups.items()} if len(groups) > 1 else {}
     captions = ds.captions() if enc.text.get("target_text", "caption") != "none" else {}
+    if a.teacher:
+        from .teacher import read_reasoning
+
+        reasoning = read_reasoning(a.teacher)
+        for qq in queries:
+            qq["reasoning"] = reasoning.get(qq["id"], "")
     title = f"csmcir report: {a.dataset} {a.split} ({len(queries)} queries, top {a.k}) - {Path(a.ckpt).name}"
     index = write_report(a.out, queries, ds.load_image, captions, title, recall(scored), group_metrics,
                          thumb_size=a.thumb_size, progress=not a.no_progress)
@@ -532,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10, help="hits shown per query (default 10)")
     s.add_argument("--limit", type=int, help="only the first N queries of the split")
     s.add_argument("--thumb-size", type=int, default=96, help="thumbnail side in pixels (default 96)")
+    s.add_argument("--teacher", help="a `csmcir teacher` store folder: show its reasoning for each query")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_report)
 

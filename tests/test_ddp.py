@@ -52,10 +52,12 @@ def test_ddp_validation_equals_single_process(easy_bench, trained, tmp_path):
         assert two[k] == pytest.approx(one[k], abs=0.34), k
 
 
-def test_ddp_ranks_end_with_identical_memory_banks(easy_bench, tmp_path):
+@pytest.mark.parametrize("bank", ['{"capacity": 256, "max_age": 10}', '{"capacity": 256, "max_age": 10, "momentum": 0.9}'],
+                         ids=["plain", "momentum"])
+def test_ddp_ranks_end_with_identical_memory_banks(easy_bench, tmp_path, bank):
     out = tmp_path / "ddp_bank"
     _cli(fit_args(easy_bench, out, *DDP, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
-                  "--trainer.limit_val_batches", "1", "--model.memory_bank", '{"capacity": 256, "max_age": 10}'), tmp_path)
+                  "--trainer.limit_val_batches", "1", "--model.memory_bank", bank), tmp_path)
     rows = []
     for f in sorted(out.glob("lightning_logs/version_*/metrics.csv")):
         rows += [r for r in csv.DictReader(open(f)) if r.get("train/bank_rank_mismatch")]

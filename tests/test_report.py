@@ -56,9 +56,16 @@ def _console_errors(driver):
 def test_report_opens_from_disk_with_every_image_and_the_ground_truth_where_the_ranking_puts_it(trained, easy_bench, tmp_path, browser, capsys):
     from selenium.webdriver.common.by import By
 
+    import numpy as np
+
+    from csmcir.data.custom import CustomCIR
+    from csmcir.teacher import TeacherStore
+
     out = tmp_path / "report"
+    first = [t.id for t in CustomCIR(easy_bench).triplets("val")[:2]]
+    TeacherStore(tmp_path / "teacher", model="m", mode="full").append(first, np.zeros((2, 4), np.float32), ["<b>because</b> red", "so blue"])
     assert main(["report", "--ckpt", str(trained / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(out),
-                 "-k", "5", "--limit", "45", "--no-progress"]) == 0
+                 "-k", "5", "--limit", "45", "--teacher", str(tmp_path / "teacher"), "--no-progress"]) == 0
     rankings = json.loads((out / "rankings.json").read_text())
     from csmcir.data.custom import CustomCIR
 
@@ -66,6 +73,10 @@ def test_report_opens_from_disk_with_every_image_and_the_ground_truth_where_the_
     browser.get((out / "index.html").as_uri())
     browser.get_log("browser")  # start clean
     browser.refresh()
+    # the teacher's reasoning, escaped, under the queries that have one
+    q0 = browser.find_element(By.CSS_SELECTOR, f"div.q[data-query='{first[0]}'] details.reasoning")
+    assert q0.get_attribute("textContent").endswith("<b>because</b> red")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "details.reasoning")) == 2
     seen = 0
     for page in range(3):  # 45 queries, 20 a page
         imgs = _wait_images(browser)

@@ -56,10 +56,12 @@ def final_checkpoint(run: Path) -> Path:
     return max((c for c in ckpts if c.is_file()), key=lambda c: torch.load(c, map_location="cpu", weights_only=True)["global_step"])
 
 
-def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str]) -> dict:
+def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str], train: bool = True) -> dict | None:
     run = root / f"{variant}-s{seed}"
     test_dir = run / "test"
     m = _last_metrics(test_dir)
+    if "test/R@1" not in m and not train:
+        return None  # --report-only: a run that has not finished is left out
     if "test/R@1" not in m:
         common = ["--config", config, "--seed_everything", str(seed), *VARIANTS[variant], *extra,
                   "--trainer.enable_progress_bar", "false"]
@@ -81,12 +83,14 @@ def main() -> int:
     p.add_argument("--config", default="configs/synthetic.yaml")
     p.add_argument("--runs", default="checkpoints/ablation", help="folder for the runs")
     p.add_argument("--out", help="JSON file for per-run and aggregated numbers")
+    p.add_argument("--report-only", action="store_true", help="aggregate the finished runs; train or test nothing")
     p.add_argument("extra", nargs="*", help="more `csmcir fit/test` arguments, after --")
     a = p.parse_args()
     # seeds outer: every finished seed adds a complete comparison of the variants
-    rows = [run_one(v, s, Path(a.runs), a.config, a.extra) for s in a.seeds for v in a.variants]
+    rows = [run_one(v, s, Path(a.runs), a.config, a.extra, train=not a.report_only) for s in a.seeds for v in a.variants]
+    rows = [r for r in rows if r is not None]
     summary = {}
-    print("| variant | " + " | ".join(METRICS) + " | samples/s |\n|---|" + "---|" * (len(METRICS) + 1))
+    print("| variant | seeds | " + " | ".join(METRICS) + " | samples/s |\n|---|---|" + "---|" * (len(METRICS) + 1))
     for v in a.variants:
         vr = [r for r in rows if r["variant"] == v]
         agg = {}
@@ -95,7 +99,7 @@ def main() -> int:
             if xs:
                 agg[k] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
         summary[v] = {k: {"mean": m, "std": s, "n": len(vr)} for k, (m, s) in agg.items()}
-        print(f"| {v} | " + " | ".join(f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" if k in agg else "-" for k in METRICS + ["samples_per_s"]) + " |")
+        print(f"| {v} | {len(vr)} | " + " | ".join(f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" if k in agg else "-" for k in METRICS + ["samples_per_s"]) + " |")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"runs": rows, "summary": summary}, indent=1) + "\n")

@@ -72,7 +72,7 @@ def write_report(
     """Write the report into ``out``.
 
     ``queries``: ``{"id", "reference", "text", "group", "targets": [...], "hits": [[id, score], ...]}``
-    in display order; ``captions``: ``{image_id: Caption}`` (levels and final) for the hits.
+    in display order, optionally ``"reasoning"`` (a teacher's text); ``captions``: ``{image_id: Caption}`` (levels and final) for the hits.
     """
     from tqdm import tqdm
 
@@ -102,6 +102,7 @@ def write_report(
                          "gt": image_id in targets, "final": "" if cap is None else highlight(cap.final, words), "levels": levels})
         first = next((h["rank"] for h in hits if h["gt"]), None)
         records.append({"id": q["id"], "text": html.escape(q["text"]), "group": q.get("group") or "all",
+                        "reasoning": html.escape(q.get("reasoning") or ""),
                         "reference": {"id": q["reference"], "thumb": "thumbs/" + shown[q["reference"]]},
                         "targets": list(q["targets"]), "first_hit": first, "hits": hits})
     data = {"title": title, "metrics": metrics, "groups": group_metrics, "queries": records}
@@ -205,7 +206,9 @@ _JS = r"""(function () {
       ref.appendChild(el("div", {}, "reference " + q.reference.id));
       row.appendChild(ref);
       q.hits.forEach(function (h) { row.appendChild(card(h)); });
-      d.appendChild(row); box.appendChild(d);
+      d.appendChild(row);
+      if (q.reasoning) d.appendChild(el("details", {"class": "reasoning"}, "<summary>teacher reasoning</summary><div>" + q.reasoning + "</div>"));
+      box.appendChild(d);
     });
   }
   failuresOnly.addEventListener("change", function () { page = 0; render(); });
