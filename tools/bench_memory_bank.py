@@ -34,6 +34,7 @@ VARIANTS = {
     "in_batch": None,
     "fifo_bank": {"capacity": 4096, "max_age": None, "half_life": None, "min_fraction": 1.0},
     "entropy_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25},
+    "momentum_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99},
 }
 
 
@@ -67,9 +68,12 @@ def bank_work(bank: dict, reps: int, batch: int = 128, dim: int = 128, seed: int
     from csmcir.losses import MemoryBank, same_target_mask
     from csmcir.losses.contrastive import InfoNCELoss
 
+    from csmcir.losses import bank_nce
+
     g = torch.Generator().manual_seed(seed)
     loss = InfoNCELoss(0.01, True, bidirectional=True)
     mb = MemoryBank(dim, **bank)
+    momentum = mb.momentum is not None
     ids = torch.arange(100_000, 100_000 + mb.capacity)
     mb.enqueue(F.normalize(torch.randn(mb.capacity, dim, generator=g), dim=1), ids, step=0)
     rows = torch.arange(2 * batch)  # the targets, then the reference negatives
@@ -89,7 +93,12 @@ def bank_work(bank: dict, reps: int, batch: int = 128, dim: int = 128, seed: int
         with torch.no_grad():
             batch_logits = (scale * q @ cand.t()).masked_fill(mask & ~torch.eye(batch, 2 * batch, dtype=torch.bool), float("-inf"))
         bias = mb.bias(q, scale, all_targets, step, batch_logits)
-        loss(q, cand, mask, extra=mb.emb.clone(), extra_bias=bias).backward()
+        if momentum:  # in-batch loss plus the bank term against momentum keys (their encoding is timed apart)
+            key = F.normalize(torch.randn(batch, dim, generator=g), dim=1)
+            ls = loss.logit_scale.clamp(max=loss.max_log_scale)
+            (loss(q, cand, mask) + mb.weight * bank_nce(q, key, mb.emb.clone(), bias, ls)).backward()
+        else:
+            loss(q, cand, mask, extra=mb.emb.clone(), extra_bias=bias).backward()
         mb.enqueue(cand[:batch].detach(), ids[:batch], step)
         t_bank.append(time.perf_counter() - t0)
     out = {"loss_s": statistics.median(t_base), "loss_with_bank_s": statistics.median(t_bank)}
@@ -97,8 +106,25 @@ def bank_work(bank: dict, reps: int, batch: int = 128, dim: int = 128, seed: int
     return out
 
 
+def ema_update_s(reps: int = 20) -> float:
+    """Median seconds of one EMA update of the default model's weights (momentum bank)."""
+    import copy
+
+    module = CIRModule()
+    ema = copy.deepcopy(module.model).requires_grad_(False)
+    ts = []
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for pe, p in zip(ema.parameters(), module.model.parameters()):
+                pe.lerp_(p, 0.01)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def drift_probe_s(sample: int, reps: int = 5) -> float:
-    """Median seconds to re-encode ``sample`` targets (image + 64-token caption) with the default model."""
+    """Median seconds to encode ``sample`` targets (image + 24-token caption) with the default
+    model, without gradient: the drift probe, and the momentum encoder's keys of a batch."""
     module = CIRModule()
     cfg = module.model_config
     size = cfg.vision.image_size if hasattr(cfg.vision, "image_size") else 64
@@ -163,10 +189,15 @@ def main() -> int:
         every = cfg.get("drift_every", 50)
         w["drift_probe_s"] = drift_probe_s(cfg.get("drift_sample", 64))
         w["added_per_step_s"] = w["bank_added_s"] + w["drift_probe_s"] / every
+        if cfg.get("momentum") is not None:  # the keys of every batch, and the EMA update
+            w["key_encoder_s"] = drift_probe_s(128)
+            w["ema_update_s"] = ema_update_s()
+            w["added_per_step_s"] += w["key_encoder_s"] + w["ema_update_s"]
         w["overhead_of_step"] = w["added_per_step_s"] / step_s
         work[v] = w
         print(f"| {v} | {w['loss_s'] * 1e3:.2f} | {w['loss_with_bank_s'] * 1e3:.2f} | {w['bank_added_s'] * 1e3:.2f} | "
-              f"{w['drift_probe_s'] * 1e3:.0f} / {every} | {100 * w['overhead_of_step']:.1f} % of {step_s * 1e3:.0f} ms |")
+              f"{w['drift_probe_s'] * 1e3:.0f} / {every} | {100 * w['overhead_of_step']:.1f} % of {step_s * 1e3:.0f} ms |"
+              + (f" (keys {w['key_encoder_s'] * 1e3:.0f} ms + EMA {w['ema_update_s'] * 1e3:.1f} ms included)" if "key_encoder_s" in w else ""))
     if a.out:
         meta = {"command": "python " + " ".join(sys.argv), "date": str(date.today()), "machine": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}

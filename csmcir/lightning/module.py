@@ -41,7 +41,10 @@ class CIRModule(L.LightningModule):
         memory_bank: ``null`` (default: in-batch negatives only) or the options of
             :class:`~csmcir.losses.MemoryBank` (``capacity``, ``max_age``, ``half_life``,
             ``min_fraction``): target embeddings of earlier steps as extra negatives, weighted by
-            age and selected by each query's entropy. Experimental: not yet ablated.
+            age and selected by each query's entropy; ``momentum`` makes an EMA copy encode them.
+            Off by default: on the synthetic default, banks of the trained model's own old
+            targets collapse training and the momentum bank does not beat in-batch negatives on
+            the test split (docs/memory_bank.md).
         distill: ``null`` (default) or distillation from a CIR-CoT teacher (``data.teacher``):
             ``teacher_dim`` (required), ``feature`` (``cosine``, ``mse`` or ``null``),
             ``feature_weight`` (1.0), ``relational_weight`` (0.0; needs ``data.teacher_gallery``),
