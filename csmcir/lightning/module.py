@@ -50,6 +50,9 @@ class CIRModule(L.LightningModule):
             ``feature_weight`` (1.0), ``relational_weight`` (0.0; needs ``data.teacher_gallery``),
             ``temperature`` (0.05), ``hidden`` (0: a linear head). See
             :mod:`csmcir.losses.distill`; the head is dropped at inference.
+        init: ``null`` (random) or pretrained Q-Former weights: ``{source: bert|lavis|hf_blip2,
+            path: ..., allow_partial: false}`` (``path: minilm`` is the packaged all-MiniLM-L6-v2;
+            see :mod:`csmcir.models.weights`). Applied when the module is built, before training.
         eval_ks: the K of the logged Recall@K.
     """
 
@@ -67,12 +70,24 @@ class CIRModule(L.LightningModule):
         gather_negatives: bool = True,
         memory_bank: dict[str, Any] | None = None,
         distill: dict[str, Any] | None = None,
+        init: dict[str, Any] | None = None,
         eval_ks: list[int] = [1, 5, 10, 50],
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_config = get_model_config(model, model_overrides)
         self.model = CIRDualTower(self.model_config)
+        if init:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from ..models.weights import load_pretrained
+
+            unknown = set(init) - {"source", "path", "allow_partial"}
+            if unknown or "source" not in init or "path" not in init:
+                raise ValueError(f"model.init takes source, path and allow_partial, got {sorted(init)}")
+            report = load_pretrained(self.model, init["source"], init["path"], bool(init.get("allow_partial", False)))
+            rank_zero_info(f"model.init: {len(report['loaded'])} tensors from {init['source']} {init['path']}; "
+                           f"{len(report['missing'])} missing, {len(report['unused'])} unused")
         self.loss = InfoNCELoss(temperature, learn_temperature, bidirectional=bidirectional)
         # extra negatives from earlier steps (csmcir/losses/memory_bank.py); off by default until
         # its ablation shows it helps
