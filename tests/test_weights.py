@@ -110,3 +110,33 @@ def test_fit_config_takes_the_init_option(easy_bench, tmp_path):
     assert m.model.state_dict()["qformer.encoder.layer.0.attention.attention.query.weight"].abs().sum() > 0
     with pytest.raises(CsmcirError, match="checkpoint not found"):
         CIRModule(model="tiny", init={"source": "lavis", "path": str(tmp_path / "nope.pth")})
+
+
+def test_blip2_vision_tower_weights_load_and_freeze(tmp_path):
+    from safetensors.torch import save_file
+
+    from csmcir.lightning.module import CIRModule
+
+    over = {"vision": {"kind": "blip2_vit", "image_size": 28, "patch_size": 14, "width": 32, "layers": 1, "heads": 2}}
+    torch.manual_seed(2)
+    src = CIRDualTower(get_model_config("tiny", over))
+    sd = {}
+    for k, v in src.state_dict().items():
+        if k.startswith("vision.model."):
+            sd["vision_model." + k[len("vision.model."):]] = v.contiguous()
+        elif k.startswith("text_embeddings."):
+            sd["embeddings." + k[len("text_embeddings."):]] = v.contiguous()
+        elif k.startswith("proj."):
+            sd["vision_projection." + k[len("proj."):]] = v.contiguous()
+        else:
+            sd[k] = v.contiguous()
+    (tmp_path / "b").mkdir()
+    save_file(sd, str(tmp_path / "b" / "model.safetensors"))
+    m = CIRModule(model="tiny", model_overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")})
+    px = torch.rand(1, 3, 28, 28)
+    torch.testing.assert_close(m.model.encode_image(px), src.encode_image(px))
+    assert not any(p.requires_grad for p in m.model.vision.parameters())  # pretrained vision: frozen by default
+    assert all(p.requires_grad for p in m.model.qformer.parameters())
+    m2 = CIRModule(model="tiny", model_overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")}, freeze_vision=False)
+    assert all(p.requires_grad for p in m2.model.vision.parameters())
+    assert all(p.requires_grad for p in CIRModule(model="tiny").model.vision.parameters())  # from scratch: trained

@@ -53,6 +53,8 @@ class CIRModule(L.LightningModule):
         init: ``null`` (random) or pretrained Q-Former weights: ``{source: bert|lavis|hf_blip2,
             path: ..., allow_partial: false}`` (``path: minilm`` is the packaged all-MiniLM-L6-v2;
             see :mod:`csmcir.models.weights`). Applied when the module is built, before training.
+        freeze_vision: keep the vision tower's weights fixed (``null``: frozen exactly when
+            ``init`` loaded pretrained vision weights, as BLIP-2 trains its Q-Former).
         eval_ks: the K of the logged Recall@K.
     """
 
@@ -71,6 +73,7 @@ class CIRModule(L.LightningModule):
         memory_bank: dict[str, Any] | None = None,
         distill: dict[str, Any] | None = None,
         init: dict[str, Any] | None = None,
+        freeze_vision: bool | None = None,
         eval_ks: list[int] = [1, 5, 10, 50],
     ):
         super().__init__()
@@ -88,6 +91,9 @@ class CIRModule(L.LightningModule):
             report = load_pretrained(self.model, init["source"], init["path"], bool(init.get("allow_partial", False)))
             rank_zero_info(f"model.init: {len(report['loaded'])} tensors from {init['source']} {init['path']}; "
                            f"{len(report['missing'])} missing, {len(report['unused'])} unused")
+        pretrained_vision = bool(init) and any(k.startswith("vision.") for k in report["loaded"])
+        if freeze_vision or (freeze_vision is None and pretrained_vision):
+            self.model.vision.requires_grad_(False)
         self.loss = InfoNCELoss(temperature, learn_temperature, bidirectional=bidirectional)
         # extra negatives from earlier steps (csmcir/losses/memory_bank.py); off by default until
         # its ablation shows it helps

@@ -13,7 +13,9 @@ Sources (``load_pretrained``):
   (../shared/ECOSYSTEM.md).
 * ``hf_blip2``: a transformers ``Blip2ForImageTextRetrieval`` checkpoint folder (the layout of
   Salesforce/blip2-itm-vit-g): ``qformer.*``, ``embeddings.*`` -> ``text_embeddings.*``,
-  ``query_tokens``, ``vision_projection`` -> ``proj``.
+  ``query_tokens``, ``vision_projection`` -> ``proj``, and ``vision_model.*`` ->
+  ``vision.model.*`` when the tower is ``blip2_vit`` (its sizes must match: EVA ViT-g is
+  width 1408, 39 layers, 16 heads, patch 14, image 224, mlp ratio 4.3637).
 
 Keys the source has but the tower does not use (a vision tower of another kind, ITM and LM heads,
 the text projection, the temperature) are reported as unused; tower keys the source lacks are
@@ -91,6 +93,8 @@ def map_hf_blip2(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             out["text_" + k] = v
         elif k.startswith("vision_projection."):
             out["proj." + k.split(".", 1)[1]] = v
+        elif k.startswith("vision_model."):  # BLIP-2's EVA ViT, for a blip2_vit tower of the same sizes
+            out["vision.model." + k[len("vision_model."):]] = v
         else:
             unused.append(k)
     return out, unused
