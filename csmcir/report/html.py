@@ -17,9 +17,10 @@ from ..io import atomic_write_json, atomic_write_text, ensure_writable_dir
 
 __all__ = ["highlight", "write_report", "thumbnail_bytes"]
 
+# words shared with any query carry no signal, so they are never highlighted
 STOPWORDS = frozenset(
     "a an the and or of to in on at by for with from into is are be it its this that make makes made "
-    "same but same as instead change changed turn turned so now than then there their them they same".split()
+    "same but as instead change changed turn turned so now than then there their them they".split()
 )
 _WORD = re.compile(r"[A-Za-z0-9]+")
 
