@@ -110,21 +110,30 @@ def _load_encoder(a):
     return Encoder.from_checkpoint(a.ckpt, a.device)
 
 
-def _rank_with_checkpoint(enc, a, ds, split: str, k: int) -> tuple[dict[str, list[str]], list]:
-    """Embed ``split`` of ``ds`` with encoder ``enc`` and rank its gallery for each query."""
+def _embed_and_rank(enc, ds, split: str, triplets: list, k: int, batch_size: int, missing_caption: str = "error"):
+    """Embed ``triplets`` and the gallery of ``split`` with encoder ``enc``; returns ``(gallery
+    ids, top-k gallery positions [Q, k'], their scores [Q, k'])``, the reference excluded where
+    the protocol removes it."""
     import torch
 
     from .retrieval.embed import embed_pairs, gallery_texts
     from .retrieval.metrics import topk_rankings
 
-    ds.validate(split)
-    triplets = ds.triplets(split)
     gallery = ds.gallery(split)
-    g = embed_pairs(enc, ds, gallery, gallery_texts(enc, ds, gallery), a.batch_size, desc=f"embedding {split} gallery")
-    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {split} queries")
+    texts = gallery_texts(enc, ds, gallery, missing_caption=missing_caption)
+    g = embed_pairs(enc, ds, gallery, texts, batch_size, desc=f"embedding {split} gallery")
+    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], batch_size, desc=f"embedding {split} queries")
     pos = {gid: j for j, gid in enumerate(gallery)}
     exclude = [pos.get(t.reference) for t in triplets] if ds.remove_reference else None
-    idx, _ = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), k, exclude=exclude)
+    idx, scores = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), k, exclude=exclude)
+    return gallery, idx, scores
+
+
+def _rank_with_checkpoint(enc, a, ds, split: str, k: int) -> tuple[dict[str, list[str]], list]:
+    """Embed ``split`` of ``ds`` with encoder ``enc`` and rank its gallery for each query."""
+    ds.validate(split)
+    triplets = ds.triplets(split)
+    gallery, idx, _ = _embed_and_rank(enc, ds, split, triplets, k, a.batch_size)
     return {t.id: [gallery[j] for j in row] for t, row in zip(triplets, idx.tolist())}, triplets
 
 
@@ -251,11 +260,8 @@ def cmd_caption_merge(a) -> None:
 
 # -- report / serve -----------------------------------------------------------------------------
 def cmd_report(a) -> None:
-    import torch
-
     from .report import write_report
-    from .retrieval.embed import embed_pairs, gallery_texts
-    from .retrieval.metrics import topk_rankings
+    from .retrieval.metrics import recall_at_k
 
     if a.k < 1 or (a.limit is not None and a.limit < 1):
         raise CsmcirError("-k and --limit must be at least 1")
@@ -263,13 +269,7 @@ def cmd_report(a) -> None:
     ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
     ds.validate(a.split)
     triplets = ds.triplets(a.split)[: a.limit]
-    gallery = ds.gallery(a.split)
-    texts = gallery_texts(enc, ds, gallery, missing_caption="empty")
-    g = embed_pairs(enc, ds, gallery, texts, a.batch_size, desc=f"embedding {a.split} gallery")
-    q = embed_pairs(enc, ds, [t.reference for t in triplets], [t.text for t in triplets], a.batch_size, desc=f"embedding {a.split} queries")
-    pos = {gid: j for j, gid in enumerate(gallery)}
-    exclude = [pos.get(t.reference) for t in triplets] if ds.remove_reference else None
-    idx, scores = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), a.k, exclude=exclude)
+    gallery, idx, scores = _embed_and_rank(enc, ds, a.split, triplets, a.k, a.batch_size, missing_caption="empty")
     queries, groups = [], {}
     for t, row, sc in zip(triplets, idx.tolist(), scores.tolist()):
         group = t.meta.get("type") or (t.id.split("/")[0] if "/" in t.id else None)
@@ -277,12 +277,12 @@ def cmd_report(a) -> None:
                         "hits": [[gallery[j], s] for j, s in zip(row, sc)]})
     scored = [qq for qq in queries if qq["targets"]]
 
+    ks = [k for k in (1, 5, 10) if k <= a.k]
+
     def recall(qs):
-        out = {}
-        for k in (1, 5, 10):
-            if k <= a.k and qs:
-                out[f"R@{k}"] = 100.0 * sum(any(h[0] in set(x["targets"]) for h in x["hits"][:k]) for x in qs) / len(qs)
-        return out
+        if not qs:
+            return {}
+        return recall_at_k([[h[0] for h in x["hits"]] for x in qs], [x["targets"] for x in qs], ks, num_candidates=idx.shape[1])
 
     for qq in scored:
         groups.setdefault(qq["group"] or "all", []).append(qq)
@@ -483,6 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for the submission files")
     s.add_argument("--name", default="csmcir", help="suffix of the file names (default csmcir)")
     s.set_defaults(func=cmd_submit)
+    def mllm_job_args(sp, unit: str, shards_then: str):
+        """What the long MLLM jobs (caption, teacher) share: data, device, batching, sharding."""
+        sp.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark")
+        sp.add_argument("--root", required=True, help="dataset folder")
+        sp.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category (default: all three)")
+        sp.add_argument("--batch-size", type=int, default=8, help=f"{unit} per forward or generate call (default 8)")
+        sp.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
+        sp.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+        sp.add_argument("--limit", type=int, help=f"only the first N {unit} of this shard")
+        sp.add_argument("--shard", help=f"i/n: every n-th of the {unit} from position i (run n processes, {shards_then})")
+        sp.add_argument("--allow-download", action="store_true", help="let transformers fetch --model from the hub (default: local files only)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     s = sub.add_parser(
         "caption",
         help="write multi-level chain-of-thought (MCoT) captions of a split's images with an MLLM",
@@ -497,26 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: csmcir caption --dataset cirr --root data/cirr --split train val --backend transformers "
                "--model Qwen/Qwen2.5-VL-7B-Instruct --out captions/cirr.qwen7b.jsonl --shard 0/4",
     )
-    s.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark")
-    s.add_argument("--root", required=True, help="dataset folder")
+    mllm_job_args(s, "images", "then caption-merge")
     s.add_argument("--split", nargs="+", required=True, help="one or more splits; their images are captioned once each")
-    s.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category (default: all three)")
     s.add_argument("--backend", default="transformers", choices=["transformers", "synthetic"],
                    help="transformers (an MLLM; default) or synthetic (the synthetic benchmark's scene captioner)")
     s.add_argument("--model", help="transformers backend: local folder or hub id of an image-text-to-text MLLM")
-    s.add_argument("--allow-download", action="store_true", help="let transformers fetch --model from the hub (default: local files only)")
     s.add_argument("--template", help="prompt template: natural, fashion or a YAML file (default: fashion for fashioniq/shoes, else natural)")
     s.add_argument("--out", required=True, help="caption store (JSONL) to create or resume")
-    s.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
     s.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
-    s.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     s.add_argument("--min-pixels", type=int, help="Qwen-VL image processors: lower bound on pixels per image")
     s.add_argument("--max-pixels", type=int, help="Qwen-VL image processors: upper bound on pixels per image")
-    s.add_argument("--limit", type=int, help="caption only the first N images of this shard")
-    s.add_argument("--shard", help="i/n: caption every n-th image from position i (run n processes, then caption-merge)")
     s.add_argument("--seed", type=int, default=0, help="synthetic backend: captioner seed (default 0)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("caption-merge", help="join caption-store shards into one file; refuses conflicting records")
@@ -568,10 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
             "store.json, the reasoning text); rerun to resume, --shard i/n to split across processes into the same folder."
         ),
     )
-    s.add_argument("--dataset", default="custom", choices=DATASETS, help="custom (default; the synthetic benchmark is custom) or a real benchmark")
-    s.add_argument("--root", required=True, help="dataset folder")
+    mllm_job_args(s, "items", "into the same --out folder")
     s.add_argument("--split", required=True, help="split whose queries (or gallery) to embed")
-    s.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category (default: all three)")
     s.add_argument("--backend", default="mllm", choices=["mllm", "oracle"],
                    help="mllm (default): a transformers MLLM; oracle: the synthetic benchmark's reasoning oracle + MiniLM, "
                         "a STAND-IN for a real CIR-CoT model (see csmcir/teacher/oracle.py)")
@@ -581,13 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", type=int, default=-1, help="hidden state to read (default -1, the last layer)")
     s.add_argument("--max-new-tokens", type=int, default=128, help="full mode: reasoning length limit (default 128)")
     s.add_argument("--out", required=True, help="store folder to create or resume")
-    s.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default 8)")
-    s.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, ...")
-    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
-    s.add_argument("--limit", type=int, help="only the first N items of this shard")
-    s.add_argument("--shard", help="i/n: every n-th item from position i")
-    s.add_argument("--allow-download", action="store_true", help="let transformers fetch --model from the hub")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_teacher)
 
     s = sub.add_parser("teacher-import", help="import teacher embeddings computed elsewhere into a store folder",

@@ -139,14 +139,10 @@ class SyntheticBackend:
     model_id = "csmcir/synthetic-scene-captioner"
 
     def __init__(self, root: str | Path, template, seed: int = 0):
-        from ..data.synthetic.builder import gallery_scenes
-        from ..data.synthetic.params import DIFFICULTIES, SynthParams
-        from ..io import read_json
+        from ..data.synthetic.builder import benchmark_params, gallery_scenes
 
         self.root, self.template, self.seed = Path(root), template, seed
-        info = read_json(self.root / "benchmark.json", "synthetic benchmark.json (only synthetic benchmarks have scenes)")
-        name = info.get("difficulty")
-        self.params = DIFFICULTIES[name] if name in DIFFICULTIES else SynthParams(**info["params"])
+        self.params = benchmark_params(root)
         self.scenes = gallery_scenes(root)
 
     def settings(self) -> dict[str, Any]:

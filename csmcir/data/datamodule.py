@@ -88,6 +88,7 @@ class CIRDataModule(L.LightningDataModule):
         if dataset != "custom" and synthetic:
             raise CsmcirError(f"data.dataset={dataset} reads a real benchmark: set data.synthetic=false")
         self.stores: dict[str, SplitStore] = {}
+        self._teacher_cache: dict[str, tuple] = {}  # store folder -> (id -> row, embeddings)
         self._dataset = None
         self._eval_specs: dict[str, list[tuple[str, str]]] = {}
 
@@ -154,8 +155,6 @@ class CIRDataModule(L.LightningDataModule):
                                 (h.teacher_gallery, store.image_ids, "teacher_image")):
             if not path:
                 continue
-            if not hasattr(self, "_teacher_cache"):
-                self._teacher_cache = {}
             if path not in self._teacher_cache:
                 _, t_ids, emb = read_teacher_store(path)
                 self._teacher_cache[path] = ({i: k for k, i in enumerate(t_ids)}, torch.from_numpy(emb.astype("float32")))

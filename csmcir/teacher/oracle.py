@@ -27,14 +27,10 @@ class OracleTeacher:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from ..data.synthetic.builder import gallery_scenes
-        from ..data.synthetic.params import DIFFICULTIES, SynthParams
-        from ..io import read_json
+        from ..data.synthetic.builder import benchmark_params, gallery_scenes
         from ..tokenizer import minilm_path
 
-        info = read_json(f"{root}/benchmark.json", "synthetic benchmark.json (the oracle teacher needs a synthetic benchmark)")
-        name = info.get("difficulty")
-        params = DIFFICULTIES[name] if name in DIFFICULTIES else SynthParams(**info["params"])
+        params = benchmark_params(root)
         # the captioner with every noise rate at 0 describes a scene exactly
         self.params = dataclasses.replace(params, caption_omit_rate=0.0, caption_error_rate=0.0, caption_drop_object_rate=0.0)
         self.scenes = gallery_scenes(root)

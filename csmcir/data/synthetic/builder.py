@@ -43,7 +43,7 @@ from .edits import (
     sample_query,
 )
 from .language import join_clauses
-from .params import GENERATOR_VERSION, SynthParams, resolve_params
+from .params import DIFFICULTIES, GENERATOR_VERSION, SynthParams, resolve_params
 from .render import RenderConfig, RenderObject, init_worker, render_chunk
 from .scene import COLOURS, HELDOUT_PAIRS, Scene, sample_scene, scene_to_json
 
@@ -423,6 +423,16 @@ def ensure_benchmark(
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     return generate(root, seed=seed, difficulty=params, workers=workers, progress=progress)
+
+
+def benchmark_params(root: str | Path) -> SynthParams:
+    """The generator parameters a synthetic benchmark in ``root`` was made with (its benchmark.json)."""
+    path = Path(root) / "benchmark.json"
+    if not path.is_file():
+        raise CsmcirError(f"{path} not found (only synthetic benchmarks have one)")
+    info = _read_info(path)
+    name = info.get("difficulty")
+    return DIFFICULTIES[name] if name in DIFFICULTIES else SynthParams(**info["params"])
 
 
 def gallery_scenes(root: str | Path) -> dict[str, Scene]:
