@@ -31,6 +31,12 @@ VARIANTS = {
     # the same rule with momentum keys: an EMA copy of the tower encodes the bank and the bank term's positive
     "momentum_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99}'],
 }
+# distillation (issue 6) from the synthetic reasoning ORACLE, a stand-in for a CIR-CoT MLLM; the stores are
+# written by `csmcir teacher --backend oracle` (README, "Teacher embeddings"); "symmetric" is its no-distillation control
+_TEACHER = ["--data.teacher", "teacher/synth-q", "--data.teacher_gallery", "teacher/synth-g"]
+VARIANTS["distill_feature"] = _TEACHER + ["--model.distill", '{"teacher_dim": 384, "feature": "cosine", "relational_weight": 0.0}']
+VARIANTS["distill_relational"] = _TEACHER + ["--model.distill", '{"teacher_dim": 384, "feature": null, "relational_weight": 1.0}']
+VARIANTS["distill_both"] = _TEACHER + ["--model.distill", '{"teacher_dim": 384, "feature": "cosine", "relational_weight": 1.0}']
 # equal wall-clock: the in-batch run's 585 steps cost as much as 580 FIFO or 566 entropy-bank steps
 # (per-step bank work measured by tools/bench_memory_bank.py: +0.9 % and +3.4 %; docs/memory_bank.md)
 VARIANTS["fifo_bank_eqtime"] = VARIANTS["fifo_bank"] + ["--trainer.max_steps", "580"]
