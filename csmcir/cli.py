@@ -57,11 +57,60 @@ def cmd_index(a) -> None:
     info = {"checkpoint": str(a.ckpt), "dataset": a.dataset, "root": str(Path(a.root).resolve()), "split": a.split,
             "category": a.category, "target_text": enc.text.get("target_text")}
     index = GalleryIndex.build(emb, ids, kind=a.index_type, info=info)
+    if a.nprobe is not None:
+        index.set_search_params(nprobe=a.nprobe)
     captions = ds.captions() if enc.text.get("target_text", "caption") != "none" else {}
     write_captions(out / "captions.jsonl", [captions[i] for i in ids if i in captions])
     index.save(out)
     (out / ".embeddings.partial.npz").unlink(missing_ok=True)
-    print(f"indexed {len(ids)} images ({a.index_type}, dim {emb.shape[1]}) into {out}")
+    print(f"indexed {len(ids)} images ({index.kind}, dim {emb.shape[1]}) into {out}")
+
+
+# -- bench --------------------------------------------------------------------------------------
+def cmd_bench_retrieval(a) -> None:
+    import numpy as np
+
+    from .bench.retrieval import BenchSettings, markdown_table, run_retrieval_bench, write_outputs
+
+    emb = None
+    if a.embeddings:
+        try:
+            emb = np.load(a.embeddings, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise CsmcirError(f"cannot read --embeddings {a.embeddings}: {e}") from None
+        if emb.ndim != 2:
+            raise CsmcirError(f"--embeddings {a.embeddings} must hold a 2-D array [N, D], got shape {emb.shape}")
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    cfg = BenchSettings(sizes=tuple(a.sizes), dim=a.dim, queries=a.queries, k=a.k, batch=a.batch, kinds=tuple(a.kinds),
+                        data=a.data, seed=a.seed, min_seconds=a.min_seconds, target_recall=a.target_recall)
+    from .io import ensure_writable_dir
+
+    ensure_writable_dir(a.out)  # an unwritable --out fails before the measurements, not after
+    result = run_retrieval_bench(cfg, embeddings=emb, progress=True)
+    paths = write_outputs(result, a.out)
+    print(markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_bench_efficiency(a) -> None:
+    from .bench.efficiency import EfficiencySettings, markdown_table, run_efficiency_bench, write_outputs
+    from .io import ensure_writable_dir
+
+    ensure_writable_dir(a.out)
+    accuracy = {}
+    for item in a.accuracy:
+        name, _, value = item.partition("=")
+        try:
+            accuracy[name] = float(value)
+        except ValueError:
+            raise CsmcirError(f"--accuracy {item!r}: expected NAME=NUMBER, e.g. student:small=51.1") from None
+    cfg = EfficiencySettings(students=tuple(a.students), mllms=tuple(a.mllms), new_tokens=a.new_tokens, device=a.device,
+                             dtype=a.dtype, repeats=a.repeats, batch=a.batch, mllm_image_size=a.mllm_image_size,
+                             sides=tuple(a.sides), accuracy=accuracy, isolate=not a.in_process)
+    result = run_efficiency_bench(cfg, progress=True)
+    paths = write_outputs(result, a.out)
+    print(markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 # -- search -------------------------------------------------------------------------------------
@@ -406,8 +455,62 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed a gallery (image + caption) into a faiss index with ids beside it")
     common(s)
     s.add_argument("--out", required=True, help="index folder to write (index.faiss, ids.txt, index_info.json, captions.jsonl)")
-    s.add_argument("--index-type", default="flat", help="flat = exact inner product (default)")
+    s.add_argument("--index-type", default="flat", choices=["flat", "ivf_flat", "ivf_pq", "hnsw", "auto"],  # = retrieval.index.INDEX_KINDS (tested)
+                   help="flat = exact inner product (default); ivf_flat = approximate, for large galleries; ivf_pq = "
+                        "approximate and 16x smaller; hnsw = graph index; auto = flat up to 200k images, ivf_flat above "
+                        "(docs/benchmarks.md, 'Retrieval at scale')")
+    s.add_argument("--nprobe", type=int, help="ivf kinds: cells searched per query (default 32; more = slower, closer to exact)")
     s.set_defaults(func=cmd_index)
+
+    bench = sub.add_parser("bench", help="cost benchmarks: `bench efficiency` (csmcir vs a full MLLM), `bench retrieval` (faiss at scale)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="{efficiency,retrieval}")
+    bench.set_defaults(func=lambda a: bench.print_help())
+    s = bsub.add_parser(
+        "retrieval",
+        help="exact and approximate search over 10k-1M embeddings: build time, memory, queries/s, recall against exact",
+        description="Builds each index kind of `csmcir index` (and torch matmul+topk as the naive baseline) over "
+                    "synthetic L2-normalised embeddings (or --embeddings), and writes bench_retrieval.{json,md,png} to --out. "
+                    "Measure on an otherwise idle machine: faiss's OpenMP threads slow down many times over when "
+                    "another job holds the cores.")
+    s.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="gallery sizes (default 10k 100k 1M)")
+    s.add_argument("--dim", type=int, default=256, help="embedding dimension (default 256, the BLIP-2 projection)")
+    s.add_argument("--queries", type=int, default=1000, help="queries (default 1000)")
+    s.add_argument("-k", type=int, default=50, help="neighbours per query; recall@k is measured (default 50)")
+    s.add_argument("--batch", type=int, default=1000, help="queries per search call (default 1000; batch 1 is measured too)")
+    s.add_argument("--kinds", nargs="+", default=["torch", "flat", "ivf_flat", "ivf_pq", "hnsw"],
+                   choices=["torch", "flat", "ivf_flat", "ivf_pq", "hnsw"], help="what to measure (default all)")
+    s.add_argument("--data", default="clustered", choices=["clustered", "uniform"],
+                   help="synthetic embeddings: clustered (default; queries have near neighbours) or uniform (worst case)")
+    s.add_argument("--embeddings", help=".npy [N, D] of your own embeddings: the first --queries rows query the rest")
+    s.add_argument("--target-recall", type=float, default=0.95, help="recall@k an approximate index must reach (default 0.95)")
+    s.add_argument("--min-seconds", type=float, default=2.0, help="time each measurement at least this long (default 2)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="folder for bench_retrieval.json, .md and .png")
+    s.set_defaults(func=cmd_bench_retrieval)
+
+    s = bsub.add_parser(
+        "efficiency",
+        help="per-query and per-gallery-image cost: csmcir dual tower vs a full MLLM (fast and full CoT mode)",
+        description="Random-weight models at the named sizes (cost does not depend on weight values; nothing is "
+                    "downloaded): csmcir towers from csmcir/model_configs (tiny, small, base = BLIP-2 ViT-g + Q-Former) "
+                    "and Qwen2.5-VL MLLMs (tiny, 3b, 7b) run through the `csmcir teacher` code in fast mode (<emb> "
+                    "right away) and full mode (--new-tokens of reasoning first). Latency p50/p95 at batch 1, "
+                    "throughput at --batch, peak memory, parameters and FLOPs (torch's FlopCounterMode). Each model "
+                    "runs in its own process so peak memory is its own. Writes bench_efficiency.{json,md,png} to --out.")
+    s.add_argument("--students", nargs="*", default=["tiny", "small"], help="csmcir model configs (default tiny small; base = BLIP-2 size)")
+    s.add_argument("--mllms", nargs="*", default=["tiny"], help="Qwen2.5-VL sizes: tiny, 3b, 7b (default tiny)")
+    s.add_argument("--new-tokens", type=int, default=64, help="full mode: generated reasoning tokens (default 64)")
+    s.add_argument("--sides", nargs="+", default=["query", "gallery"], choices=["query", "gallery"])
+    s.add_argument("--repeats", type=int, default=10, help="batch-1 calls timed per model (default 10; p50/p95 over them)")
+    s.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement (default 8)")
+    s.add_argument("--mllm-image-size", type=int, default=448, help="MLLM input side in pixels (default 448: 256 visual tokens)")
+    s.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda")
+    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    s.add_argument("--accuracy", nargs="*", default=[], metavar="NAME=R@1",
+                   help="accuracy figures to plot cost against, e.g. student:small=51.1 (names as in the table)")
+    s.add_argument("--in-process", action="store_true", help="run every model in this process (peak memory is then shared)")
+    s.add_argument("--out", required=True, help="folder for bench_efficiency.json, .md and .png")
+    s.set_defaults(func=cmd_bench_efficiency)
 
     s = sub.add_parser("search", help="top-k gallery images for one reference image + modification text")
     common(s, dataset=False)

@@ -93,6 +93,76 @@ def test_hnsw_close_to_flat_and_round_trips(tmp_path):
     assert approx2 == approx and np.array_equal(scores2, scores)
 
 
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    """Embeddings with structure (near neighbours), as trained ones have; IVF recall needs it."""
+    from csmcir.bench.retrieval import make_embeddings
+
+    return make_embeddings(n, d, 0, "clustered", seed)[0]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "ivf_pq", "hnsw"])
+def test_every_kind_builds_saves_and_loads_with_identical_results(tmp_path, kind):
+    gallery = _clustered(3000, 32, 0)
+    queries = gallery[:25] + 0.01 * _normalised(25, 32, 1)
+    index = GalleryIndex.build(gallery, _ids(3000), kind=kind)
+    scores, hits = index.search(queries, 10)
+    index.save(tmp_path)
+    loaded = GalleryIndex.load(tmp_path)
+    assert loaded.kind == kind and loaded.info == index.info and len(loaded) == 3000
+    scores2, hits2 = loaded.search(queries, 10)
+    assert hits2 == hits and np.array_equal(scores2, scores)
+    # each query's own gallery row is its nearest neighbour (ivf_pq: within its top 10)
+    found = [f"img-{i:05d}" in (h if kind == "ivf_pq" else h[:1]) for i, h in enumerate(hits)]
+    assert np.mean(found) >= 0.9
+
+
+def test_ivf_parameters_recorded_and_nprobe_trades_recall(tmp_path):
+    gallery, queries = _clustered(20000, 32, 2), _clustered(200, 32, 2)[:100]
+    exact = GalleryIndex.build(gallery, _ids(20000)).search(queries, 20)[1]
+    ivf = GalleryIndex.build(gallery, _ids(20000), kind="ivf_flat")
+    assert ivf.info["ivf"] == {"nlist": index_mod.ivf_nlist(20000), "nprobe": index_mod.IVF_NPROBE}
+
+    def recall() -> float:
+        got = ivf.search(queries, 20)[1]
+        return float(np.mean([len(set(a) & set(e)) / 20 for a, e in zip(got, exact)]))
+
+    ivf.set_search_params(nprobe=1)
+    low = recall()
+    ivf.set_search_params(nprobe=ivf.info["ivf"]["nlist"])
+    assert recall() == 1.0 > low  # every cell searched = exact
+    ivf.set_search_params(nprobe=4)
+    ivf.save(tmp_path)
+    assert GalleryIndex.load(tmp_path).info["ivf"]["nprobe"] == 4  # the setting is saved with the index
+    with pytest.raises(CsmcirError, match="nprobe must be in 1..512"):
+        ivf.set_search_params(nprobe=513)
+    with pytest.raises(CsmcirError, match="ef_search applies to hnsw"):
+        ivf.set_search_params(ef_search=10)
+    with pytest.raises(CsmcirError, match="nprobe applies to ivf"):
+        GalleryIndex.build(gallery[:10], _ids(10)).set_search_params(nprobe=2)
+
+
+def test_ivf_nlist_and_auto_kind(monkeypatch):
+    assert [index_mod.ivf_nlist(n) for n in (10, 1000, 10_000, 100_000, 1_000_000)] == [1, 16, 256, 1024, 4096]
+    assert all(n >= 39 * index_mod.ivf_nlist(n) for n in (40, 500, 5000, 50_000))
+    emb = _normalised(300, 8, 0)
+    assert GalleryIndex.build(emb, _ids(300), kind="auto").kind == "flat"
+    monkeypatch.setattr(index_mod, "AUTO_FLAT_MAX", 100)
+    assert GalleryIndex.build(emb, _ids(300), kind="auto").kind == "ivf_flat"
+
+
+def test_ivf_pq_too_small_gallery_is_a_clear_error():
+    with pytest.raises(CsmcirError, match="ivf_pq needs at least 624 embeddings"):
+        GalleryIndex.build(_normalised(100, 16, 0), _ids(100), kind="ivf_pq")
+
+
+def test_cli_index_types_match_the_library():
+    from csmcir.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    action = next(a for a in sub.choices["index"]._actions if a.dest == "index_type")
+    assert tuple(action.choices) == index_mod.INDEX_KINDS
+
+
 def test_hnsw_missing_results_are_left_out():
     # HNSW can return fewer than k items; missing places must not turn into a real id.
     hnsw = GalleryIndex.build(_normalised(300, 8, 8), _ids(300), kind="hnsw")

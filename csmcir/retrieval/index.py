@@ -15,8 +15,17 @@ Index kinds (``GalleryIndex.build(kind=...)``) live in ``_KINDS``; adding one (e
 that trains on the embeddings) means adding an entry there:
 
 * ``"flat"``: ``IndexFlatIP``, exact search (the default).
+* ``"ivf_flat"``: ``IndexIVFFlat``, approximate: k-means cells (``nlist`` from :func:`ivf_nlist`)
+  and a search of the ``nprobe`` cells nearest each query. Full vectors, so recall is limited only
+  by ``nprobe``. Parameters under ``"ivf"`` in the info.
+* ``"ivf_pq"``: ``IndexIVFPQ``: the same cells, vectors compressed to ``D / 4`` bytes by product
+  quantisation (16x smaller than float32). Cheapest in memory, least exact.
 * ``"hnsw"``: ``IndexHNSWFlat`` with the inner-product metric, approximate; its parameters are
   recorded under ``"hnsw"`` in the info. CPU only.
+* ``"auto"``: ``"flat"`` up to :data:`AUTO_FLAT_MAX` embeddings, ``"ivf_flat"`` above
+  (docs/benchmarks.md, "Retrieval at scale", has the measurements behind the switch).
+
+Approximate kinds trade recall for speed; ``csmcir bench retrieval`` measures that trade.
 
 GPU: with faiss-gpu installed and a GPU visible, indexes of kinds that support it are moved to
 GPU 0 for adding and searching (``use_gpu=None``, the default, decides automatically); what is
@@ -55,6 +64,22 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 
+# IVF: cells per index size (ivf_nlist) and cells searched per query. IVF_NPROBE is the smallest
+# that kept recall@50 >= 0.95 against exact search at 1M in `csmcir bench retrieval`.
+IVF_NPROBE = 32
+IVF_TRAIN_PER_CELL = 50  # k-means training sample: this many points a cell (faiss wants >= 39)
+#: ``kind="auto"`` indexes galleries up to this size exactly, larger ones with ``ivf_flat``.
+AUTO_FLAT_MAX = 200_000
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: the power of two nearest 4 * sqrt(n), with >= 39 points a cell."""
+    target = 4.0 * float(np.sqrt(max(n, 1)))
+    nlist = 1 << int(round(np.log2(max(target, 1.0))))
+    while nlist > 1 and n < 39 * nlist:
+        nlist //= 2
+    return max(nlist, 1)
+
 
 @dataclass(frozen=True)
 class _Kind:
@@ -76,6 +101,43 @@ def _make_hnsw(emb: np.ndarray) -> Any:
     return index
 
 
+def _train_sample(emb: np.ndarray, n: int) -> np.ndarray:
+    n = min(emb.shape[0], n)
+    if n == emb.shape[0]:
+        return emb
+    rows = np.sort(np.random.default_rng(0).choice(emb.shape[0], n, replace=False))
+    return emb[rows]
+
+
+def _make_ivf(emb: np.ndarray, pq: bool) -> Any:
+    d = emb.shape[1]
+    nlist = ivf_nlist(emb.shape[0])
+    quantizer = faiss.IndexFlatIP(d)
+    n_train = IVF_TRAIN_PER_CELL * nlist
+    if pq:
+        # D/4 one-byte codes; fewer bits when the gallery is too small to train 256 centroids
+        m = next(m for m in (d // 4, d // 8, d // 2, d) if m >= 1 and d % m == 0)
+        bits = min(8, int(np.log2(emb.shape[0] / 39)) if emb.shape[0] >= 39 else 0)
+        if bits < 4:
+            raise CsmcirError(f"ivf_pq needs at least {39 * 16} embeddings to train, got {emb.shape[0]}: use flat")
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+        n_train = max(n_train, 40 * (1 << bits))
+    else:
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0
+    index.train(_train_sample(emb, n_train))
+    index.nprobe = min(IVF_NPROBE, nlist)
+    return index  # faiss's Python wrapper keeps `quantizer` alive as long as `index`
+
+
+def _ivf_params(index: Any) -> dict:
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    out = {"nlist": int(ivf.nlist), "nprobe": int(ivf.nprobe)}
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        out["pq_m"], out["pq_bits"] = int(ivf.pq.M), int(ivf.pq.nbits)
+    return {"ivf": out}
+
+
 def _hnsw_params(index: Any) -> dict:
     h = index.hnsw
     return {"hnsw": {"M": HNSW_M, "ef_construction": h.efConstruction, "ef_search": h.efSearch}}
@@ -83,9 +145,11 @@ def _hnsw_params(index: Any) -> dict:
 
 _KINDS: dict[str, _Kind] = {
     "flat": _Kind(make=_make_flat, params=lambda index: {}, gpu=True),
+    "ivf_flat": _Kind(make=lambda e: _make_ivf(e, pq=False), params=_ivf_params, gpu=True),
+    "ivf_pq": _Kind(make=lambda e: _make_ivf(e, pq=True), params=_ivf_params, gpu=True),
     "hnsw": _Kind(make=_make_hnsw, params=_hnsw_params, gpu=False),
 }
-INDEX_KINDS = tuple(_KINDS)
+INDEX_KINDS = (*_KINDS, "auto")
 
 
 def faiss_gpu_available() -> bool:
@@ -146,7 +210,8 @@ class GalleryIndex:
             embeddings: ``[N, D]`` L2-normalised embeddings; cast to contiguous float32.
             ids: ``N`` distinct, non-empty id strings without line breaks (they are stored one a
                 line in ``ids.txt``).
-            kind: one of :data:`INDEX_KINDS`; ``"flat"`` (exact) by default.
+            kind: one of :data:`INDEX_KINDS`; ``"flat"`` (exact) by default; ``"auto"`` picks
+                ``"flat"`` or ``"ivf_flat"`` by gallery size.
             info: extra JSON-serialisable facts to keep in ``index_info.json``. The standard
                 fields (``dim``, ``count``, ...) are always set by the index and win over keys
                 of the same name here.
@@ -158,12 +223,14 @@ class GalleryIndex:
                 differs from the row count, a duplicate / empty / multi-line id, an unknown kind,
                 info that is not JSON-serialisable, or ``use_gpu=True`` without a usable GPU.
         """
-        if kind not in _KINDS:
-            raise CsmcirError(f"unknown index kind {kind!r}; choose one of {', '.join(_KINDS)}")
-        spec = _KINDS[kind]
+        if kind not in INDEX_KINDS:
+            raise CsmcirError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         emb = _as_float32_matrix(embeddings, "embeddings")
         if emb.shape[0] == 0:
             raise CsmcirError("no embeddings to index")
+        if kind == "auto":
+            kind = "flat" if emb.shape[0] <= AUTO_FLAT_MAX else "ivf_flat"
+        spec = _KINDS[kind]
         ids = list(ids)
         if len(ids) != emb.shape[0]:
             raise CsmcirError(f"{len(ids)} ids for {emb.shape[0]} embedding rows")
@@ -231,6 +298,29 @@ class GalleryIndex:
         return _is_gpu_index(self._index)
 
     # ---- searching ------------------------------------------------------------------------
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Trade recall for speed: IVF cells searched per query (``nprobe``, IVF kinds) or the HNSW
+        search beam (``ef_search``). The new value is recorded in :attr:`info` and saved."""
+        if nprobe is not None:
+            if not self.kind.startswith("ivf"):
+                raise CsmcirError(f"nprobe applies to ivf_flat and ivf_pq indexes, not {self.kind!r}")
+            nlist = int(self._info["ivf"]["nlist"])
+            if not 1 <= int(nprobe) <= nlist:
+                raise CsmcirError(f"nprobe must be in 1..{nlist} (the index's cells), got {nprobe}")
+            if _is_gpu_index(self._index):
+                faiss.GpuParameterSpace().set_index_parameter(self._index, "nprobe", int(nprobe))
+            else:
+                faiss.extract_index_ivf(self._index).nprobe = int(nprobe)
+            self._cpu_copy = None
+            self._info["ivf"] = {**self._info["ivf"], "nprobe": int(nprobe)}
+        if ef_search is not None:
+            if self.kind != "hnsw":
+                raise CsmcirError(f"ef_search applies to hnsw indexes, not {self.kind!r}")
+            if int(ef_search) < 1:
+                raise CsmcirError(f"ef_search must be >= 1, got {ef_search}")
+            self._index.hnsw.efSearch = int(ef_search)
+            self._info["hnsw"] = {**self._info["hnsw"], "ef_search": int(ef_search)}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """The ``k`` best gallery items for each query, by descending inner product.

@@ -44,14 +44,28 @@ class TeacherEncoder:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", layer: int = -1, max_new_tokens: int = 128,
                  local_files_only: bool = True, **processor_kw: Any):
-        import torch
-
         from ..captioning.backends import load_mllm, resolve_device, resolve_dtype
 
-        self.model_id, self.layer, self.max_new_tokens = model, layer, max_new_tokens
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.processor, self.model = load_mllm(model, self.device, self.dtype, local_files_only, **processor_kw)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        processor, net = load_mllm(model, dev, dt, local_files_only, **processor_kw)
+        self._attach(processor, net, model, dev, dt, layer, max_new_tokens)
+
+    @classmethod
+    def from_loaded(cls, processor, net, model_id: str, layer: int = -1, max_new_tokens: int = 128) -> "TeacherEncoder":
+        """Wrap an MLLM already in memory (``csmcir bench efficiency`` builds random-weight ones);
+        the tokenizer must pad on the left, as :func:`~csmcir.captioning.backends.load_mllm` sets."""
+        out = cls.__new__(cls)
+        p = next(net.parameters())
+        out._attach(processor, net, model_id, str(p.device), p.dtype, layer, max_new_tokens)
+        return out
+
+    def _attach(self, processor, net, model_id: str, device: str, dtype, layer: int, max_new_tokens: int) -> None:
+        import torch
+
+        self.model_id, self.layer, self.max_new_tokens = model_id, layer, max_new_tokens
+        self.device, self.dtype = device, dtype
+        self.processor, self.model = processor, net
         tok = self.processor.tokenizer
         if EMB_TOKEN not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": [EMB_TOKEN]}, replace_extra_special_tokens=False)
@@ -61,7 +75,7 @@ class TeacherEncoder:
             self.model.resize_token_embeddings(self.emb_id + 1)
         n_layers = self.model.config.get_text_config().num_hidden_layers
         if not -(n_layers + 1) <= layer <= n_layers:
-            raise CsmcirError(f"--layer {layer}: {model} has {n_layers} layers (hidden states -{n_layers + 1}..{n_layers})")
+            raise CsmcirError(f"--layer {layer}: {model_id} has {n_layers} layers (hidden states -{n_layers + 1}..{n_layers})")
         self._torch = torch
 
     @property

@@ -232,10 +232,19 @@ def make_tiny_qwen2vl(path, arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max
     min/max_pixels: images are resized so that H*W is in [min_pixels, max_pixels] with H, W multiples of 28;
     each 28x28 block becomes one <|image_pad|> token in the LLM (4 patches of 14x14 merged 2x2).
     """
+    processor, model = build_qwen2vl(arch, seed, min_pixels, max_pixels, text, vision, vocab_size, dtype)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_qwen2vl(arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, text=None, vision=None,
+                  vocab_size=None, dtype=None):
+    """``(processor, model)`` of :func:`make_tiny_qwen2vl` in memory, not saved (same arguments)."""
     from transformers import GenerationConfig, Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
-    os.makedirs(path, exist_ok=True)
 
     tok = _build_tokenizer()
     image_processor = Qwen2VLImageProcessorPil(
@@ -270,6 +279,4 @@ def make_tiny_qwen2vl(path, arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         do_sample=False,
     )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return processor, model
