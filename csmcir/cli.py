@@ -52,8 +52,18 @@ def cmd_index(a) -> None:
     enc = Encoder.from_checkpoint(a.ckpt, a.device)
     ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
     ids = ds.gallery(a.split)
-    texts = gallery_texts(enc, ds, ids)
-    emb = embed_pairs(enc, ds, ids, texts, a.batch_size, desc=f"embedding {a.split} gallery", partial=out / ".embeddings.partial.npz")
+    if a.embeddings:  # written by `csmcir embed` (any number of processes): merge its parts
+        from .inference import file_digest
+        from .lightning.predict import STORE_FILE, merge_shards
+
+        store = Path(a.embeddings) / STORE_FILE
+        made_by = json.loads(store.read_text()).get("checkpoint_digest") if store.is_file() else None
+        if made_by is not None and made_by != file_digest(a.ckpt):
+            raise CsmcirError(f"{a.embeddings} was embedded with another checkpoint than {a.ckpt}")
+        emb = merge_shards(a.embeddings, ids, enc.dim)
+    else:
+        texts = gallery_texts(enc, ds, ids)
+        emb = embed_pairs(enc, ds, ids, texts, a.batch_size, desc=f"embedding {a.split} gallery", partial=out / ".embeddings.partial.npz")
     info = {"checkpoint": str(a.ckpt), "dataset": a.dataset, "root": str(Path(a.root).resolve()), "split": a.split,
             "category": a.category, "target_text": enc.text.get("target_text")}
     index = GalleryIndex.build(emb, ids, kind=a.index_type, info=info)
@@ -64,6 +74,25 @@ def cmd_index(a) -> None:
     index.save(out)
     (out / ".embeddings.partial.npz").unlink(missing_ok=True)
     print(f"indexed {len(ids)} images ({index.kind}, dim {emb.shape[1]}) into {out}")
+
+
+# -- embed --------------------------------------------------------------------------------------
+def cmd_embed(a) -> None:
+    from .inference import Encoder, file_digest
+    from .lightning.predict import embed_sharded
+    from .retrieval.embed import gallery_texts
+
+    enc = Encoder.from_checkpoint(a.ckpt, "cpu")  # Lightning places it on each rank's device
+    ds = _open_dataset(a.dataset, a.root, a.category, a.captions)
+    ids = ds.gallery(a.split)
+    texts = gallery_texts(enc, ds, ids)
+    info = {"checkpoint": str(a.ckpt), "checkpoint_digest": file_digest(a.ckpt), "dataset": a.dataset, "split": a.split,
+            "category": a.category}
+    devices = int(a.devices) if str(a.devices).isdigit() else a.devices
+    counts = embed_sharded(enc, ds, ids, texts, a.out, info, batch_size=a.batch_size, accelerator=a.accelerator,
+                           devices=devices, num_nodes=a.num_nodes, strategy=a.strategy, num_workers=a.num_workers)
+    print(f"{a.split} gallery: {counts['items']} images, {counts['already_done']} already embedded, "
+          f"{counts['embedded']} embedded now, in {a.out}")
 
 
 # -- bench --------------------------------------------------------------------------------------
@@ -459,8 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat = exact inner product (default); ivf_flat = approximate, for large galleries; ivf_pq = "
                         "approximate and 16x smaller; hnsw = graph index; auto = flat up to 200k images, ivf_flat above "
                         "(docs/benchmarks.md, 'Retrieval at scale')")
+    s.add_argument("--embeddings", help="folder written by `csmcir embed` (sharded, multi-process): index its "
+                                         "embeddings instead of embedding the gallery here")
     s.add_argument("--nprobe", type=int, help="ivf kinds: cells searched per query (default 32; more = slower, closer to exact)")
     s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser(
+        "embed",
+        help="embed a split's gallery with Lightning predict on any number of processes/GPUs/nodes, as shards",
+        description="Writes part-*.safetensors shards (embeddings + ids) and store.json into --out; every rank "
+                    "writes its own batches. Scale with --devices/--num-nodes/--strategy, or launch under torchrun "
+                    "or SLURM (Lightning detects them). Rerun to resume a killed run. Then "
+                    "`csmcir index --embeddings OUT ...` merges the shards into one index.")
+    common(s)
+    s.add_argument("--out", required=True, help="shard folder to create or resume")
+    s.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (default auto)")
+    s.add_argument("--devices", default="auto", help="processes/GPUs per node: a number or auto (default auto)")
+    s.add_argument("--num-nodes", type=int, default=1, help="nodes (default 1)")
+    s.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ... (default auto)")
+    s.add_argument("--num-workers", type=int, default=2, help="image-decoding workers per process (default 2)")
+    s.set_defaults(func=cmd_embed)
 
     bench = sub.add_parser("bench", help="cost benchmarks: `bench efficiency` (csmcir vs a full MLLM), `bench retrieval` (faiss at scale)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="{efficiency,retrieval}")
