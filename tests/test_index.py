@@ -421,3 +421,16 @@ def test_load_rejects_an_l2_index(tmp_path, small_index):
     faiss.write_index(l2, str(tmp_path / "index.faiss"))
     with pytest.raises(CsmcirError, match="inner-product"):
         GalleryIndex.load(tmp_path)
+
+
+def test_few_queries_on_a_flat_index_go_through_torch_with_the_same_results():
+    gallery, queries = _normalised(5000, 32, 11), _normalised(64, 32, 12)
+    index = GalleryIndex.build(gallery, _ids(5000))
+    big_s, big = index.search(queries, 7)  # 64 queries: faiss
+    assert len(queries[:3]) < index_mod.FLAT_TORCH_MAX_QUERIES
+    for i in range(0, 64, 3):  # 3 at a time: torch
+        s, hits = index.search(queries[i : i + 3], 7)
+        assert hits == big[i : i + 3]
+        assert np.allclose(s, big_s[i : i + 3], atol=1e-5)
+    rows_s, rows = index.search_rows(queries[:1], 7)
+    assert rows.dtype == np.int64 and [f"img-{j:05d}" for j in rows[0]] == big[0]

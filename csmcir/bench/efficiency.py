@@ -242,7 +242,7 @@ def markdown_table(result: dict) -> str:
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['side']} | {r['mode']} | {r['params_m']:.1f} | {r['dtype']} | {r['p50_ms']:.1f} | "
-                     f"{r['p95_ms']:.1f} | {r['throughput_per_s']:.2f} @ {r['batch']} | {r['gflops']:.2f} | {r['peak_mem_gib']:.2f} |")
+                     f"{r['p95_ms']:.1f} | {r['throughput_per_s']:.3g} @ {r['batch']} | {r['gflops']:.3g} | {r['peak_mem_gib']:.2f} |")
     if result["ratios"]:
         lines += ["", "| MLLM / student | per | MLLM mode | latency ratio (p50) | FLOPs ratio | throughput ratio |", "|---|---|---|---:|---:|---:|"]
         for q in result["ratios"]:
@@ -270,7 +270,7 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
     q = [r for r in result["rows"] if r["side"] == "query"]
     fig, ax = plt.subplots(figsize=(7, 4))
     with_acc = [r for r in q if r.get("accuracy") is not None]
-    if with_acc:  # cost against accuracy
+    if len({r["model"] for r in with_acc}) >= 2:  # cost against accuracy
         for r in with_acc:
             ax.scatter(r["p50_ms"], r["accuracy"], s=40)
             ax.annotate(f"{r['model']} {r['mode']}", (r["p50_ms"], r["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")

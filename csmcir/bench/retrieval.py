@@ -111,10 +111,8 @@ def _torch_search(gallery: torch.Tensor, k: int):
 
 
 def _index_search(index: GalleryIndex, k: int):
-    raw = index._index  # row numbers, not id strings: the ids' Python lists would dominate the timing
-
-    def search(q: np.ndarray) -> np.ndarray:
-        return raw.search(q, k)[1]
+    def search(q: np.ndarray) -> np.ndarray:  # row numbers: mapping them to id strings is not search
+        return index.search_rows(q, k)[1]
     return search
 
 

@@ -58,15 +58,20 @@ METRIC = "inner_product"
 #: faiss GPU indexes cannot return more than this many neighbours per query; larger ``k`` is
 #: answered by a CPU copy of the index.
 _GPU_MAX_K = 2048
+#: Below this many queries a CPU flat index is searched with torch (matmul + topk): faiss runs one
+#: thread per query, torch's matrix-vector product uses every core (docs/benchmarks.md, section 7).
+FLAT_TORCH_MAX_QUERIES = 20
 
 # HNSW parameters: graph degree, build-time and search-time beam widths.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 
-# IVF: cells per index size (ivf_nlist) and cells searched per query. IVF_NPROBE is the smallest
-# that kept recall@50 >= 0.95 against exact search at 1M in `csmcir bench retrieval`.
-IVF_NPROBE = 32
+# IVF: cells per index size (ivf_nlist) and cells searched per query. IVF_NPROBE is the largest that
+# keeps 1M-vector search >= 10x faster than exact in `csmcir bench retrieval` (docs/benchmarks.md,
+# section 7); recall@50 there: 0.99998 on clustered data, 0.959 on the synthetic model's own
+# embeddings (45k). Raise it (`csmcir index --nprobe`) for embeddings with less structure.
+IVF_NPROBE = 16
 IVF_TRAIN_PER_CELL = 50  # k-means training sample: this many points a cell (faiss wants >= 39)
 #: ``kind="auto"`` indexes galleries up to this size exactly, larger ones with ``ivf_flat``.
 AUTO_FLAT_MAX = 200_000
@@ -339,6 +344,13 @@ class GalleryIndex:
             CsmcirError: queries not 2-D, not numeric or not finite, a query dimension that
                 differs from the index's (both are named), or ``k < 1``.
         """
+        scores, labels = self.search_rows(queries, k)
+        ids = [[self._ids[j] for j in row if j >= 0] for row in labels.tolist()]
+        return scores, ids
+
+    def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`search`, with gallery row numbers (int64 ``[Q, k']``, ``-1`` where an
+        approximate index found nothing) instead of ids."""
         q = _as_float32_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise CsmcirError(
@@ -348,6 +360,8 @@ class GalleryIndex:
             raise CsmcirError(f"k must be >= 1, got {k}")
         k_eff = min(int(k), self.ntotal)
         index = self._index
+        if self.kind == "flat" and not _is_gpu_index(index) and q.shape[0] < FLAT_TORCH_MAX_QUERIES:
+            return self._torch_flat_search(q, k_eff)
         if k_eff > _GPU_MAX_K and _is_gpu_index(index):
             if self._cpu_copy is None:
                 self._cpu_copy = faiss.index_gpu_to_cpu(index)
@@ -356,8 +370,16 @@ class GalleryIndex:
         missing = labels < 0
         if missing.any():
             scores[missing] = -np.inf
-        ids = [[self._ids[j] for j in row if j >= 0] for row in labels.tolist()]
-        return scores, ids
+        return scores, labels
+
+    def _torch_flat_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        # a view of the flat index's own float32 storage: no copy of the gallery
+        xb = faiss.rev_swig_ptr(self._index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+        with torch.inference_mode():
+            top = torch.topk(torch.from_numpy(q) @ torch.from_numpy(xb).T, k, dim=1)
+        return top.values.numpy(), top.indices.numpy().astype(np.int64)
 
     # ---- storing --------------------------------------------------------------------------
 
