@@ -55,6 +55,12 @@ class CIRModule(L.LightningModule):
             see :mod:`csmcir.models.weights`). Applied when the module is built, before training.
         freeze_vision: keep the vision tower's weights fixed (``null``: frozen exactly when
             ``init`` loaded pretrained vision weights, as BLIP-2 trains its Q-Former).
+        grad_checkpointing: recompute the Q-Former's activations in the backward pass instead of
+            keeping them (less memory, about a third more compute); off by default.
+        feature_cache: ``null`` (default) or a folder: with the vision tower frozen, encode every
+            image once into float16 memory-mapped features there (keyed by tower weights and image
+            id, resumable; :mod:`csmcir.data.feature_cache`) and train and evaluate the Q-Former
+            from them instead of re-encoding pixels every step.
         eval_ks: the K of the logged Recall@K.
     """
 
@@ -74,6 +80,8 @@ class CIRModule(L.LightningModule):
         distill: dict[str, Any] | None = None,
         init: dict[str, Any] | None = None,
         freeze_vision: bool | None = None,
+        grad_checkpointing: bool = False,
+        feature_cache: str | None = None,
         eval_ks: list[int] = [1, 5, 10, 50],
     ):
         super().__init__()
@@ -94,6 +102,12 @@ class CIRModule(L.LightningModule):
         pretrained_vision = bool(init) and any(k.startswith("vision.") for k in report["loaded"])
         if freeze_vision or (freeze_vision is None and pretrained_vision):
             self.model.vision.requires_grad_(False)
+        if grad_checkpointing:
+            qf = self.model.qformer
+            if hasattr(qf, "activation_checkpointing_enable"):  # transformers >= 5
+                qf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                qf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.loss = InfoNCELoss(temperature, learn_temperature, bidirectional=bidirectional)
         # extra negatives from earlier steps (csmcir/losses/memory_bank.py); off by default until
         # its ablation shows it helps
@@ -190,6 +204,51 @@ class CIRModule(L.LightningModule):
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", self.loss.temperature, batch_size=bs)
         return loss
+
+    # -- frozen-feature cache -------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._use_feature_cache()
+
+    def on_validation_start(self) -> None:
+        self._use_feature_cache()
+
+    def on_test_start(self) -> None:
+        self._use_feature_cache()
+
+    def _use_feature_cache(self) -> None:
+        """Swap each data store's pixels for the frozen tower's cached features (model.feature_cache)."""
+        folder = self.hparams.get("feature_cache")
+        dm = getattr(self.trainer, "datamodule", None)
+        if not folder or dm is None or not hasattr(dm, "stores"):
+            return
+        from dataclasses import asdict
+
+        from ..data.feature_cache import FeatureCache, tower_key
+        from ..errors import CsmcirError
+
+        if any(p.requires_grad for p in self.model.vision.parameters()):
+            raise CsmcirError("model.feature_cache needs a frozen vision tower: set model.freeze_vision true "
+                              "(pretrained vision weights from model.init are frozen by default)")
+        todo = [(split, store) for split, store in dm.stores.items() if store.images.dim() == 4]  # still pixels
+        if not todo:
+            return
+        vision_cfg = asdict(self.model_config.vision)
+        cache = FeatureCache(folder, tower_key(self.model.vision, vision_cfg), vision_cfg)
+        was_training = self.model.vision.training
+        self.model.vision.eval()
+        dtype = next(self.model.parameters()).dtype
+        for split, store in todo:
+            with torch.no_grad():
+                shape = tuple(self.model.encode_image(store.images[:1].to(self.device)).shape[1:])
+            kw = dict(split=split, ids=store.image_ids, shape=shape, load=lambda rows, s=store: s.images[rows].to(self.device),
+                      encode=lambda px: self.model.encode_image(px), batch_size=max(1, dm.hparams.eval_batch_size))
+            if self.trainer.is_global_zero:
+                feats = cache.features(**kw)
+            self.trainer.strategy.barrier("feature_cache")
+            if not self.trainer.is_global_zero:
+                feats = cache.features(**kw, write=False)
+            store.images = feats
+        self.model.vision.train(was_training)
 
     def setup(self, stage: str) -> None:
         if self.distill is None or stage != "fit":

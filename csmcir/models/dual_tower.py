@@ -39,7 +39,13 @@ class CIRDualTower(nn.Module):
         return self.cfg.embed_dim
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image features ``[B, N, width]`` the Q-Former cross-attends to (cacheable when frozen)."""
+        """Image features ``[B, N, width]`` the Q-Former cross-attends to (cacheable when frozen).
+
+        Features given instead of pixels (a floating ``[B, N, width]`` tensor, e.g. from the
+        feature cache of :mod:`csmcir.data.feature_cache`) are passed through in the model's dtype.
+        """
+        if pixels.dim() == 3 and pixels.is_floating_point():
+            return pixels.to(self.proj.weight.dtype)
         return self.vision(pixels)
 
     def encode(

@@ -1,0 +1,112 @@
+"""A frozen vision tower's image features, computed once and memory-mapped: cheap training.
+
+With the vision tower frozen (BLIP-2's recipe: a frozen EVA ViT-g, a trained Q-Former), every
+epoch would re-encode the same images to the same features. The cache encodes each image once into
+a float16 memory-mapped file and training reads features instead of pixels; the Q-Former and
+everything after it are unchanged (``CIRDualTower.encode_image`` passes features through).
+
+Layout, keyed by tower and image id::
+
+    <folder>/<tower key>/tower.json                      vision config + weights digest
+    <folder>/<tower key>/<split>-<ids digest>.f16        float16 [N, tokens, width], row i = image ids[i]
+    <folder>/<tower key>/<split>-<ids digest>.ids.txt    the image ids, one a line
+    <folder>/<tower key>/<split>-<ids digest>.done.npy   bool [N]: rows written
+
+The tower key is a digest of the vision config and its weights, so another tower (or the same
+tower with other weights) never reads these features. Rows are flushed and ``done`` rewritten
+(atomically) after every batch: a killed run resumes with the rows it has not written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CsmcirError
+from ..io import ensure_writable_dir
+
+__all__ = ["tower_key", "FeatureCache"]
+
+
+def tower_key(vision: torch.nn.Module, config: dict) -> str:
+    """A digest of the vision tower's config and weights (16 hex digits)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(vision.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Float16 image features of one tower, one file per (split, image list)."""
+
+    def __init__(self, folder: str | Path, key: str, config: dict):
+        self.dir = ensure_writable_dir(Path(folder) / key)
+        meta = self.dir / "tower.json"
+        info = {"key": key, "vision": config}
+        if not meta.is_file():
+            tmp = meta.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(info, indent=1, default=str) + "\n")
+            os.replace(tmp, meta)
+
+    def _paths(self, split: str, ids: list[str]) -> tuple[Path, Path, Path]:
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+        stem = self.dir / f"{split}-{digest}"
+        return Path(f"{stem}.f16"), Path(f"{stem}.ids.txt"), Path(f"{stem}.done.npy")
+
+    def features(self, split: str, ids: list[str], shape: tuple[int, int], load: Callable[[list[int]], torch.Tensor],
+                 encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64, progress: bool = True,
+                 write: bool = True) -> torch.Tensor:
+        """``[len(ids), tokens, width]`` float16 features, memory-mapped, computing missing rows.
+
+        ``load(rows)`` gives the pixels of those rows; ``encode(pixels)`` the tower's features.
+        ``write=False`` only opens a complete cache (other DDP ranks, after rank 0 wrote it).
+        """
+        data, id_file, done_file = self._paths(split, ids)
+        n, (tokens, width) = len(ids), shape
+        if not id_file.is_file():
+            tmp = id_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text("".join(f"{i}\n" for i in ids))
+            os.replace(tmp, id_file)
+        expected = n * tokens * width * 2
+        if data.is_file() and data.stat().st_size != expected:
+            raise CsmcirError(f"{data} holds {data.stat().st_size} bytes, expected {expected} for {n} images of "
+                              f"{tokens}x{width} features: delete it to rebuild the cache")
+        if not write:
+            if not data.is_file() or not done_file.is_file() or not np.load(done_file).all():
+                raise CsmcirError(f"feature cache {data} is incomplete")
+            return _open(data, n, tokens, width)
+        mm = np.memmap(data, dtype=np.float16, mode="r+" if data.is_file() else "w+", shape=(n, tokens, width))
+        done = np.load(done_file) if done_file.is_file() else np.zeros(n, dtype=bool)
+        if done.shape != (n,):
+            raise CsmcirError(f"{done_file} does not match {id_file}: delete both to rebuild the cache")
+        todo = np.flatnonzero(~done)
+        with tqdm(total=n, initial=n - len(todo), desc=f"feature cache ({split})", unit="img", disable=not progress or not len(todo),
+                  mininterval=1.0) as bar:
+            for s in range(0, len(todo), batch_size):
+                rows = todo[s : s + batch_size].tolist()
+                with torch.no_grad():
+                    f = encode(load(rows))
+                if tuple(f.shape[1:]) != (tokens, width):
+                    raise CsmcirError(f"the vision tower gave features of shape {tuple(f.shape[1:])}, the cache expects {(tokens, width)}")
+                mm[rows] = f.to("cpu", torch.float16).numpy()
+                mm.flush()
+                done[rows] = True
+                tmp = done_file.with_name(f".{done_file.name}.{os.getpid()}.tmp.npy")
+                np.save(tmp, done)
+                os.replace(tmp, done_file)
+                bar.update(len(rows))
+        del mm
+        return _open(data, n, tokens, width)
+
+
+def _open(data: Path, n: int, tokens: int, width: int) -> torch.Tensor:
+    # copy-on-write: torch wants a writable array; nothing is ever written back to the file
+    return torch.from_numpy(np.memmap(data, dtype=np.float16, mode="c", shape=(n, tokens, width)))

@@ -1,0 +1,153 @@
+"""Cheap training: the frozen-feature cache (round trip, resume, keying, training from it), gradient checkpointing, the BLIP-2 config overlay."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from csmcir.cli import main
+from csmcir.data.feature_cache import FeatureCache, tower_key
+from csmcir.errors import CsmcirError
+from csmcir.factory import create_model
+
+from .conftest import fit_args
+
+
+def _setup(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    pixels = torch.randint(0, 255, (10, 3, 32, 32), dtype=torch.uint8)
+    ids = [f"img{i}" for i in range(10)]
+    cfg = {"kind": "conv", "note": "test"}
+    cache = FeatureCache(tmp_path, tower_key(model.vision, cfg), cfg)
+    with torch.no_grad():
+        shape = tuple(model.encode_image(pixels[:1]).shape[1:])
+    return model, pixels, ids, cache, shape
+
+
+def test_cache_round_trip_equals_on_the_fly_features(tmp_path):
+    model, pixels, ids, cache, shape = _setup(tmp_path)
+    feats = cache.features("train", ids, shape, lambda rows: pixels[rows], model.encode_image, batch_size=4, progress=False)
+    assert feats.dtype == torch.float16 and feats.shape == (10, *shape)
+    with torch.no_grad():
+        direct = model.encode_image(pixels)
+        assert torch.allclose(feats.float(), direct, atol=2e-3, rtol=2e-3)
+        # the tower passes cached features through: embeddings from cache = from pixels (fp16 aside)
+        ids_t, mask = torch.ones(10, 3, dtype=torch.long), torch.ones(10, 3, dtype=torch.long)
+        a = model.encode(ids_t, mask, pixels=pixels)
+        b = model.encode(ids_t, mask, pixels=feats)
+    assert torch.allclose(a, b, atol=2e-3)
+    # a second call reads the file: nothing is encoded again
+    again = cache.features("train", ids, shape, lambda rows: pixels[rows], lambda px: pytest.fail("re-encoded"), progress=False)
+    assert torch.equal(again, feats)
+
+
+def test_cache_resumes_after_a_kill_and_encodes_each_image_once(tmp_path):
+    model, pixels, ids, cache, shape = _setup(tmp_path)
+    seen: list[int] = []
+
+    def dies_after_two_batches(rows):
+        if len(seen) >= 6:
+            raise KeyboardInterrupt  # the job is killed mid-run
+        seen.extend(rows)
+        return pixels[rows]
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.features("train", ids, shape, dies_after_two_batches, model.encode_image, batch_size=3, progress=False)
+    assert seen == [0, 1, 2, 3, 4, 5]
+    later: list[int] = []
+    feats = cache.features("train", ids, shape, lambda rows: later.extend(rows) or pixels[rows], model.encode_image,
+                           batch_size=3, progress=False)
+    assert later == [6, 7, 8, 9]  # only the rows the killed run had not written
+    with torch.no_grad():
+        assert torch.allclose(feats.float(), model.encode_image(pixels), atol=2e-3, rtol=2e-3)
+
+
+def test_cache_is_keyed_by_tower_weights_and_image_ids(tmp_path):
+    model, pixels, ids, cache, shape = _setup(tmp_path)
+    key = tower_key(model.vision, {"kind": "conv"})
+    other = create_model("tiny")
+    assert tower_key(other.vision, {"kind": "conv"}) != key  # other weights, other key
+    assert tower_key(model.vision, {"kind": "conv", "image_size": 64}) != key
+    cache.features("train", ids, shape, lambda rows: pixels[rows], model.encode_image, progress=False)
+    # another image list is another file: it is encoded, not read from the first one
+    n = []
+    cache.features("train", ids[:4], shape, lambda rows: n.extend(rows) or pixels[rows], model.encode_image, progress=False)
+    assert n == [0, 1, 2, 3]
+    incomplete = FeatureCache(tmp_path / "x", "k", {})
+    with pytest.raises(CsmcirError, match="incomplete"):
+        incomplete.features("val", ids, shape, lambda rows: pixels[rows], model.encode_image, write=False)
+    data = next(cache.dir.glob("train-*.f16"))
+    data.write_bytes(b"\0" * 10)  # a damaged file is named, not read
+    with pytest.raises(CsmcirError, match="delete it to rebuild"):
+        cache.features("train", ids, shape, lambda rows: pixels[rows], model.encode_image, progress=False)
+
+
+def _losses(run):
+    rows = []
+    for f in sorted(run.glob("lightning_logs/version_*/metrics.csv")):
+        rows += [r for r in csv.DictReader(open(f)) if r.get("train/loss_nce")]
+    return [float(r["train/loss_nce"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_follows_the_on_the_fly_loss_curve(easy_bench, tmp_path):
+    common = ["--model.freeze_vision", "true", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8",
+              "--trainer.log_every_n_steps", "1", "--data.num_workers", "0"]
+    assert main(fit_args(easy_bench, tmp_path / "pixels", *common)) == 0
+    assert main(fit_args(easy_bench, tmp_path / "cached", *common, "--model.feature_cache", str(tmp_path / "cache"))) == 0
+    a, b = _losses(tmp_path / "pixels"), _losses(tmp_path / "cached")
+    assert len(a) == len(b) == 8
+    assert np.allclose(a, b, rtol=0.02, atol=0.02), (a, b)  # float16 features: not bit-identical
+    assert a[-1] < a[0]  # and it trained
+    va = [r for r in csv.DictReader(open(next((tmp_path / "cached").glob("lightning_logs/version_*/metrics.csv")))) if r.get("val/R@1")]
+    assert va  # validation ran from cached features too
+    assert len(list((tmp_path / "cache").glob("*/train-*.f16"))) == 1 and len(list((tmp_path / "cache").glob("*/val-*.f16"))) == 1
+
+
+def test_feature_cache_with_a_trained_vision_tower_is_refused(easy_bench, tmp_path, capsys):
+    rc = main(fit_args(easy_bench, tmp_path / "run", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                       "--model.feature_cache", str(tmp_path / "cache")))
+    assert rc == 2
+    assert "model.feature_cache needs a frozen vision tower" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from csmcir.lightning.module import CIRModule
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = CIRModule(model="tiny", grad_checkpointing=ckpt).train()
+        assert m.model.qformer.is_gradient_checkpointing is ckpt
+        torch.manual_seed(1)
+        px = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+        ids = torch.randint(1000, 2000, (4, 6))
+        mask = torch.ones_like(ids)
+        q = m.model.encode(ids, mask, pixels=px)
+        t = m.model.encode(ids.flip(0), mask, pixels=px.flip(0))
+        loss = m.loss(q, t)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.model.qformer.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1) and len(g0) == len(g1) > 10
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+
+
+@pytest.mark.parametrize("dataset", ["cirr", "fashioniq"])
+def test_blip2_overlay_composes_with_the_dataset_configs(dataset, capsys):
+    import yaml
+
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(configs / f"{dataset}.yaml"), "--config", str(configs / "blip2.yaml"), "--print_config"])
+    assert e.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["dataset"] == dataset and cfg["data"]["image_size"] == 224
+    assert cfg["model"]["model"] == "base" and cfg["model"]["init"]["source"] == "hf_blip2"
+    assert cfg["model"]["feature_cache"] == "cache/blip2" and cfg["trainer"]["precision"] == "bf16-mixed"
