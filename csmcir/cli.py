@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/benchmarks.md, 'Retrieval at scale')")
     s.add_argument("--embeddings", help="folder written by `csmcir embed` (sharded, multi-process): index its "
                                          "embeddings instead of embedding the gallery here")
-    s.add_argument("--nprobe", type=int, help="ivf kinds: cells searched per query (default 32; more = slower, closer to exact)")
+    s.add_argument("--nprobe", type=int, help="ivf kinds: cells searched per query (default 16; more = slower, closer to exact)")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser(

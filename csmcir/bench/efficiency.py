@@ -151,8 +151,6 @@ def _dtype(name: str, device: str):
 
 
 def measure_mllm(size: str, cfg: EfficiencySettings) -> list[dict]:
-    import torch
-
     from ..inference import resolve_device
     from ..teacher.extract import TeacherEncoder
     from ..testing.tiny_mllm import QWEN25_VL_SIZES, build_qwen2vl
@@ -254,19 +252,12 @@ def markdown_table(result: dict) -> str:
 
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
     """``bench_efficiency.json``, ``.md`` and ``.png`` (per-query latency, against accuracy where given)."""
-    from ..io import ensure_writable_dir
+    from . import write_bench_outputs
 
-    folder = ensure_writable_dir(out)
-    paths = [folder / "bench_efficiency.json", folder / "bench_efficiency.md", folder / "bench_efficiency.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown_table(result))
-    try:
-        import matplotlib
+    return write_bench_outputs(result, out, "bench_efficiency", markdown_table(result), _plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return paths[:2]
+
+def _plot(plt, result: dict):
     q = [r for r in result["rows"] if r["side"] == "query"]
     fig, ax = plt.subplots(figsize=(7, 4))
     with_acc = [r for r in q if r.get("accuracy") is not None]
@@ -284,10 +275,7 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_ylabel("per-query latency p50, ms (log)")
     ax.set_title(f"csmcir vs MLLM per query ({q[0]['device'] if q else ''})")
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
-    plt.close(fig)
-    return paths
+    return fig
 
 
 if __name__ == "__main__":  # one isolated measurement: python -m csmcir.bench.efficiency '<json>'

@@ -25,12 +25,12 @@ before trusting an approximate index with them.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -131,12 +131,11 @@ class BenchSettings:
     target_recall: float = 0.95
 
 
-def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None, progress: bool = True,
-                        on_row=None) -> dict:
+def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None, progress: bool = True) -> dict:
     """Run the benchmark (module docstring); returns ``{"machine": ..., "rows": [...]}``.
 
     ``embeddings`` replaces the synthetic gallery (its first ``queries`` rows become the queries and
-    are left out of the gallery); ``on_row(row)`` is called as each row is measured.
+    are left out of the gallery).
     """
     bandwidth = read_bandwidth_gbs()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -156,7 +155,7 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
                 q, g = embeddings[: cfg.queries], embeddings[cfg.queries : cfg.queries + n]
             else:
                 g, q = make_embeddings(n, cfg.dim, cfg.queries, cfg.data, cfg.seed)
-            cache = {"n": n, "g": g, "q": q, "exact": None}
+            cache = {"n": n, "g": g, "q": q, "exact": None, "torch_ids": None}
         g, q = cache["g"], cache["q"]
         base = {"n": n, "dim": int(g.shape[1]), "kind": kind, "k": cfg.k}
         if kind == "torch":
@@ -168,13 +167,12 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
             row = {**base, "build_s": 0.0, "bytes": int(g.nbytes), "qps": qps, "qps_batch1": qps1, "batch": chunk}
             if cache["exact"] is not None:
                 row["recall"] = _recall(ids, cache["exact"])
+            cache["torch_ids"] = ids  # a flat row measured later scores it
             rows.append(row)
         else:
             t = time.perf_counter()
             index = GalleryIndex.build(g, [str(i) for i in range(n)], kind=kind, use_gpu=False)
             build_s = time.perf_counter() - t
-            import faiss
-
             size = int(faiss.serialize_index(index._index).nbytes)
             if kind == "flat":
                 qps, ids = _timed_search(_index_search(index, cfg.k), q, cfg.batch, cfg.min_seconds)
@@ -182,7 +180,7 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
                 cache["exact"] = ids
                 for r in rows:  # a torch row measured before flat gets its recall now
                     if r["n"] == n and r["kind"] == "torch" and "recall" not in r:
-                        r["recall"] = _recall(_torch_search(torch.from_numpy(g), cfg.k)(q), ids)
+                        r["recall"] = _recall(cache["torch_ids"], ids)
                 rows.append({**base, "build_s": build_s, "bytes": size, "qps": qps, "qps_batch1": qps1, "recall": 1.0,
                              "batch": cfg.batch, "scan_gbs": qps * g.nbytes / 1e9,
                              "scan_gbs_batch1": qps1 * g.nbytes / 1e9})
@@ -207,8 +205,6 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
                              "knob": knob, "default": default, "sweep": sweep,
                              "at_target": {**best, "target_recall": cfg.target_recall, "reached": bool(ok)}})
             del index
-        if on_row is not None:
-            on_row(rows[-1])
     for r in rows:  # speed against exact search at the same size
         flat = next((f for f in rows if f["n"] == r["n"] and f["kind"] == "flat"), None)
         if flat is not None:
@@ -242,19 +238,12 @@ def markdown_table(result: dict) -> str:
 
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
     """``bench_retrieval.json``, ``.md`` and ``.png`` (recall against queries/s) into ``out``."""
-    from ..io import ensure_writable_dir
+    from . import write_bench_outputs
 
-    folder = ensure_writable_dir(out)
-    paths = [folder / "bench_retrieval.json", folder / "bench_retrieval.md", folder / "bench_retrieval.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown_table(result))
-    try:
-        import matplotlib
+    return write_bench_outputs(result, out, "bench_retrieval", markdown_table(result), _plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return paths[:2]
+
+def _plot(plt, result: dict):
     sizes = sorted({r["n"] for r in result["rows"]})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):
@@ -269,7 +258,4 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
         ax.set_ylabel(f"recall@{result['settings']['k']} vs exact")
         ax.set_title(f"{n:,} x {result['rows'][0]['dim']}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
-    plt.close(fig)
-    return paths
+    return fig
