@@ -130,6 +130,10 @@ def test_serve_upload_through_the_page_shows_the_hits(server, easy_bench, browse
     browser.find_element(By.ID, "image").send_keys(str(ref))
     browser.find_element(By.ID, "text").send_keys("make it red")
     browser.find_element(By.ID, "go").click()
+    # the click submits the form: wait for the answer page, not the page being left
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".card.hit"))
     hits = browser.find_elements(By.CSS_SELECTOR, ".card.hit")
     assert len(hits) == 6 and all(h.get_attribute("data-id") in app.row for h in hits)
     imgs = _wait_images(browser)
