@@ -25,14 +25,15 @@ class VisionConfig:
     Args:
         kind: ``"conv"``: a small residual CNN trained from scratch (the synthetic default);
             ``"blip2_vit"``: transformers' ``Blip2VisionModel`` (EVA-ViT layout) built from the
-            sizes below.
+            sizes below; ``"clip_vit"``: transformers' ``CLIPVisionModel`` (e.g. ViT-B/16: width
+            768, 12 layers, 12 heads, patch 16; ViT-L/14: 1024, 24, 16, patch 14).
         image_size: input side in pixels; images of another size are resized.
         width: output feature width (the Q-Former's cross-attention width).
         channels: conv only: channels of each stride-2 stage; the feature grid is
             ``image_size / 2**len(channels)`` on a side.
         blocks: conv only: residual blocks after each downsampling, one count per stage
             (blocks at full resolution cost most; the default spends them on the coarse grid).
-        patch_size, layers, heads, mlp_ratio: blip2_vit only.
+        patch_size, layers, heads, mlp_ratio: blip2_vit and clip_vit only.
         mean, std: per-channel normalisation of pixels in [0, 1].
     """
 

@@ -151,3 +151,20 @@ def test_blip2_overlay_composes_with_the_dataset_configs(dataset, capsys):
     assert cfg["data"]["dataset"] == dataset and cfg["data"]["image_size"] == 224
     assert cfg["model"]["model"] == "base" and cfg["model"]["init"]["source"] == "hf_blip2"
     assert cfg["model"]["feature_cache"] == "cache/blip2" and cfg["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_clip_overlay_names_a_clip_tower_and_two_weight_sources(capsys):
+    import yaml
+
+    from pathlib import Path
+
+    from csmcir.config import get_model_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(configs / "cirr.yaml"), "--config", str(configs / "clip.yaml"), "--print_config"])
+    assert e.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert [i["source"] for i in cfg["init"]] == ["hf_clip", "bert"]
+    vision = get_model_config(cfg["model"], cfg["model_overrides"]).vision
+    assert (vision.kind, vision.width, vision.layers, vision.patch_size) == ("clip_vit", 1024, 24, 14)  # ViT-L/14

@@ -39,7 +39,8 @@ def test_lavis_checkpoint_gives_the_same_encoder(tmp_path):
     src, dst = _tower(), _tower()
     torch.save({"model": _lavis_names(src.state_dict())}, tmp_path / "blip2_pretrained.pth")
     report = load_pretrained(dst, "lavis", str(tmp_path / "blip2_pretrained.pth"))
-    assert report["missing"] == [] and "visual_encoder.blocks.0.attn.qkv.weight" in report["unused"] and "temp" in report["unused"]
+    # the EVA ViT keys map onto a blip2_vit tower; this tiny conv tower has no such keys, so they are unused
+    assert report["missing"] == [] and "vision.model.encoder.layers.0.self_attn.qkv.weight" in report["unused"] and "temp" in report["unused"]
     ids, mask = torch.tensor([[101, 2417, 102]]), torch.ones(1, 3, dtype=torch.long)
     feats = torch.randn(1, 16, src.cfg.vision.width)
     dst.vision.load_state_dict(src.vision.state_dict())
@@ -140,3 +141,128 @@ def test_blip2_vision_tower_weights_load_and_freeze(tmp_path):
     m2 = CIRModule(model="tiny", model_overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")}, freeze_vision=False)
     assert all(p.requires_grad for p in m2.model.vision.parameters())
     assert all(p.requires_grad for p in CIRModule(model="tiny").model.vision.parameters())  # from scratch: trained
+
+
+def test_a_saved_transformers_blip2_retrieval_model_gives_the_same_qformer_outputs(tmp_path):
+    """A real (tiny, random) Blip2ForImageTextRetrieval, saved with save_pretrained, loads into
+    csmcir and reproduces its own Q-Former on the same image and text."""
+    import torch.nn.functional as F
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    torch.manual_seed(3)
+    cfg = Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+                      qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                          cross_attention_frequency=1, use_qformer_text_input=True),
+                      num_query_tokens=4, image_text_hidden_size=32)
+    hf = Blip2ForImageTextRetrieval(cfg).eval()
+    hf.save_pretrained(tmp_path / "blip2-itm")
+    over = {"vision": {"kind": "blip2_vit", "image_size": 28, "patch_size": 14, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}}
+    ours = CIRDualTower(get_model_config("tiny", over)).eval()
+    report = load_pretrained(ours, "hf_blip2", str(tmp_path / "blip2-itm"))
+    assert report["missing"] == [] and {"itm_head.weight", "text_projection.weight"} <= set(report["unused"])
+    assert any(k.startswith("vision.model.encoder.layers.1.") for k in report["loaded"])
+    px = torch.rand(2, 3, 28, 28)
+    ids = torch.tensor([[101, 2417, 2000, 102], [101, 2417, 102, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        image = hf.vision_model(pixel_values=(px - ours.vision.mean) / ours.vision.std).last_hidden_state
+        x = hf.embeddings(input_ids=ids, query_embeds=hf.query_tokens.expand(2, -1, -1))
+        hidden = hf.qformer(query_embeds=x, query_length=4, attention_mask=torch.cat([torch.ones(2, 4, dtype=torch.long), mask], 1),
+                            encoder_hidden_states=image, encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long)).last_hidden_state
+        expected = F.normalize(hf.vision_projection(hidden[:, :4].mean(1)), dim=-1)
+        assert (ours.encode_image(px) - image).abs().max() < 1e-5
+        assert (ours.encode(ids, mask, pixels=px) - expected).abs().max() < 1e-5
+
+
+def _lavis_eva_forward(sd, px, heads, eps=1e-6):
+    """LAVIS's EVA ViT (eva_vit.py semantics) + ln_vision, written out from its state dict alone."""
+    import torch.nn.functional as F
+
+    x = F.conv2d(px, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd["pos_embed"]
+    d = x.shape[-1]
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
+        p = lambda n: sd[f"blocks.{i}.{n}"]  # noqa: E731
+        h = F.layer_norm(x, (d,), p("norm1.weight"), p("norm1.bias"), eps)
+        qkv = F.linear(h, p("attn.qkv.weight"), torch.cat([p("attn.q_bias"), torch.zeros(d), p("attn.v_bias")]))
+        q, k, v = qkv.reshape(x.shape[0], x.shape[1], 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        a = ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        x = x + F.linear(a.transpose(1, 2).reshape(x.shape), p("attn.proj.weight"), p("attn.proj.bias"))
+        h = F.layer_norm(x, (d,), p("norm2.weight"), p("norm2.bias"), eps)
+        x = x + F.linear(F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias"))), p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+    return F.layer_norm(x, (d,), sd["ln_vision.weight"], sd["ln_vision.bias"], eps)
+
+
+def test_lavis_eva_vit_and_blip2_pretrained_load_together_into_a_blip2_vit_tower(tmp_path):
+    """LAVIS keeps the frozen EVA ViT in eva_vit_g.pth (bare keys, separate q/v biases) and
+    ln_vision + Q-Former in blip2_pretrained.pth; both map onto a blip2_vit tower."""
+    torch.manual_seed(4)
+    d, layers, heads = 32, 2, 2
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    eva = {"cls_token": r(1, 1, d), "pos_embed": r(1, 5, d), "patch_embed.proj.weight": r(d, 3, 14, 14), "patch_embed.proj.bias": r(d),
+           "norm.weight": r(d), "head.weight": r(10, d)}  # EVA's own head and final norm: not used by BLIP-2
+    for i in range(layers):
+        eva.update({f"blocks.{i}.norm1.weight": 1 + r(d), f"blocks.{i}.norm1.bias": r(d), f"blocks.{i}.norm2.weight": 1 + r(d),
+                    f"blocks.{i}.norm2.bias": r(d), f"blocks.{i}.attn.qkv.weight": r(3 * d, d), f"blocks.{i}.attn.q_bias": r(d),
+                    f"blocks.{i}.attn.v_bias": r(d), f"blocks.{i}.attn.proj.weight": r(d, d), f"blocks.{i}.attn.proj.bias": r(d),
+                    f"blocks.{i}.mlp.fc1.weight": r(2 * d, d), f"blocks.{i}.mlp.fc1.bias": r(2 * d),
+                    f"blocks.{i}.mlp.fc2.weight": r(d, 2 * d), f"blocks.{i}.mlp.fc2.bias": r(d)})
+    torch.save(eva, tmp_path / "eva_vit_g.pth")
+    over = {"vision": {"kind": "blip2_vit", "image_size": 28, "patch_size": 14, "width": d, "layers": layers, "heads": heads, "mlp_ratio": 2.0}}
+    src = CIRDualTower(get_model_config("tiny", over)).eval()
+    pre = _lavis_names({k: v for k, v in src.state_dict().items() if not k.startswith("vision.")})
+    pre.pop("visual_encoder.blocks.0.attn.qkv.weight")  # LAVIS does not save the frozen ViT in blip2_pretrained.pth
+    pre["ln_vision.weight"], pre["ln_vision.bias"] = 1 + r(d), r(d)
+    torch.save({"model": pre}, tmp_path / "blip2_pretrained.pth")
+
+    ours = CIRDualTower(get_model_config("tiny", over)).eval()
+    with pytest.raises(CsmcirError, match="vision weights missing .* first 'vision.model.embeddings"):
+        load_pretrained(ours, "lavis", str(tmp_path / "blip2_pretrained.pth"))  # ln_vision alone is a partial tower
+    report = load_pretrained(ours, [("lavis", str(tmp_path / "eva_vit_g.pth")), ("lavis", str(tmp_path / "blip2_pretrained.pth"))])
+    assert report["missing"] == [] and {"norm.weight", "head.weight", "temp"} <= set(report["unused"])
+    px = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = _lavis_eva_forward({**eva, **pre}, (px - ours.vision.mean) / ours.vision.std, heads)
+        assert (ours.encode_image(px) - expected).abs().max() < 1e-5
+        ids, mask = torch.tensor([[101, 2417, 102]]), torch.ones(1, 3, dtype=torch.long)
+        src.load_state_dict({k: v for k, v in ours.state_dict().items() if k.startswith("vision.")}, strict=False)
+        assert (ours.encode(ids, mask, pixels=px[:1]) - src.encode(ids, mask, pixels=px[:1])).abs().max() < 1e-5
+
+
+def test_clip_vision_tower_loads_a_saved_clip_model_and_combines_with_bert(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from csmcir.lightning.module import CIRModule
+
+    torch.manual_seed(6)
+    clip = CLIPModel(CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                   image_size=28, patch_size=14),
+                                text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    over = {"vision": {"kind": "clip_vit", "image_size": 28, "patch_size": 14, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}}
+    ours = CIRDualTower(get_model_config("tiny", over)).eval()
+    report = load_pretrained(ours, "hf_clip", str(tmp_path / "clip"))
+    assert report["missing"] == [] and "logit_scale" in report["unused"]
+    px = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        vm = clip.vision_model
+        expected = vm.post_layernorm(vm(pixel_values=(px - ours.vision.mean) / ours.vision.std).last_hidden_state)
+        assert (ours.encode_image(px) - expected).abs().max() < 1e-5
+    # BLIP-2's recipe on a CLIP tower: CLIP vision weights + a BERT-initialised Q-Former, frozen tower
+    qf = {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 1}
+    m = CIRModule(model="tiny", model_overrides={**over, "qformer": qf},
+                  init=[{"source": "hf_clip", "path": str(tmp_path / "clip")}, {"source": "bert", "path": "minilm"}])
+    assert not any(p.requires_grad for p in m.model.vision.parameters())
+    torch.testing.assert_close(m.model.vision.model.state_dict()["encoder.layers.1.mlp.fc2.weight"],
+                               clip.vision_model.state_dict()["encoder.layers.1.mlp.fc2.weight"])
+    assert m.model.state_dict()["qformer.encoder.layer.0.attention.attention.query.weight"].shape == (384, 384)
+    # a CLIPVisionModel folder (bare keys) loads the same tower
+    from transformers import CLIPVisionModel
+
+    CLIPVisionModel.from_pretrained(tmp_path / "clip").save_pretrained(tmp_path / "clip-vision")
+    ours2 = CIRDualTower(get_model_config("tiny", over)).eval()
+    assert load_pretrained(ours2, "hf_clip", str(tmp_path / "clip-vision"))["missing"] == []
+    with torch.no_grad():
+        assert (ours2.encode_image(px) - expected).abs().max() < 1e-5

@@ -50,9 +50,11 @@ class CIRModule(L.LightningModule):
             ``feature_weight`` (1.0), ``relational_weight`` (0.0; needs ``data.teacher_gallery``),
             ``temperature`` (0.05), ``hidden`` (0: a linear head). See
             :mod:`csmcir.losses.distill`; the head is dropped at inference.
-        init: ``null`` (random) or pretrained Q-Former weights: ``{source: bert|lavis|hf_blip2,
-            path: ..., allow_partial: false}`` (``path: minilm`` is the packaged all-MiniLM-L6-v2;
-            see :mod:`csmcir.models.weights`). Applied when the module is built, before training.
+        init: ``null`` (random) or pretrained weights: ``{source: bert|lavis|hf_blip2|hf_clip,
+            path: ..., allow_partial: false}``, or a list of them merged in order (e.g. LAVIS's
+            ``eva_vit_g.pth`` then ``blip2_pretrained.pth``; a CLIP tower then ``bert``). ``path:
+            minilm`` is the packaged all-MiniLM-L6-v2; see :mod:`csmcir.models.weights`. Applied
+            when the module is built, before training.
         freeze_vision: keep the vision tower's weights fixed (``null``: frozen exactly when
             ``init`` loaded pretrained vision weights, as BLIP-2 trains its Q-Former).
         grad_checkpointing: recompute the Q-Former's activations in the backward pass instead of
@@ -78,7 +80,7 @@ class CIRModule(L.LightningModule):
         gather_negatives: bool = True,
         memory_bank: dict[str, Any] | None = None,
         distill: dict[str, Any] | None = None,
-        init: dict[str, Any] | None = None,
+        init: dict[str, Any] | list[dict[str, Any]] | None = None,
         freeze_vision: bool | None = None,
         grad_checkpointing: bool = False,
         feature_cache: str | None = None,
@@ -88,18 +90,21 @@ class CIRModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = get_model_config(model, model_overrides)
         self.model = CIRDualTower(self.model_config)
+        report = {"loaded": []}
         if init:
             from lightning.pytorch.utilities import rank_zero_info
 
             from ..models.weights import load_pretrained
 
-            unknown = set(init) - {"source", "path", "allow_partial"}
-            if unknown or "source" not in init or "path" not in init:
-                raise ValueError(f"model.init takes source, path and allow_partial, got {sorted(init)}")
-            report = load_pretrained(self.model, init["source"], init["path"], bool(init.get("allow_partial", False)))
-            rank_zero_info(f"model.init: {len(report['loaded'])} tensors from {init['source']} {init['path']}; "
+            entries = init if isinstance(init, list) else [init]
+            for e in entries:
+                if not isinstance(e, dict) or set(e) - {"source", "path", "allow_partial"} or "source" not in e or "path" not in e:
+                    raise ValueError(f"model.init takes source, path and allow_partial (or a list of them), got {e!r}")
+            pairs = [(e["source"], e["path"]) for e in entries]
+            report = load_pretrained(self.model, pairs, allow_partial=any(bool(e.get("allow_partial", False)) for e in entries))
+            rank_zero_info(f"model.init: {len(report['loaded'])} tensors from {', '.join(f'{s} {p}' for s, p in pairs)}; "
                            f"{len(report['missing'])} missing, {len(report['unused'])} unused")
-        pretrained_vision = bool(init) and any(k.startswith("vision.") for k in report["loaded"])
+        pretrained_vision = any(k.startswith("vision.") for k in report["loaded"])
         if freeze_vision or (freeze_vision is None and pretrained_vision):
             self.model.vision.requires_grad_(False)
         if grad_checkpointing:

@@ -119,7 +119,33 @@ class Blip2ViTTower(VisionTower):
         return self.model(pixel_values=x).last_hidden_state
 
 
-_TOWERS = {"conv": ConvTower, "blip2_vit": Blip2ViTTower}
+class ClipViTTower(VisionTower):
+    """transformers' ``CLIPVisionModel`` (a CLIP ViT) built from the config sizes.
+
+    Returns every token of the last layer (class token first) through CLIP's final LayerNorm
+    (``post_layernorm``), the way BLIP-2 normalises its ViT's output (``ln_vision``) before the
+    Q-Former. Pretrained weights come from an ``hf_clip`` folder (:mod:`csmcir.models.weights`).
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        vcfg = CLIPVisionConfig(
+            hidden_size=cfg.width,
+            intermediate_size=int(round(cfg.width * cfg.mlp_ratio)),
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+        )
+        self.model = CLIPVisionModel(vcfg)
+
+    def features(self, x):
+        return self.model.post_layernorm(self.model(pixel_values=x).last_hidden_state)
+
+
+_TOWERS = {"conv": ConvTower, "blip2_vit": Blip2ViTTower, "clip_vit": ClipViTTower}
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

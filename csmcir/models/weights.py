@@ -10,12 +10,27 @@ Sources (``load_pretrained``):
   ``sd``): ``Qformer.bert.*`` -> ``qformer.*`` / ``text_embeddings.*`` (``.self.`` ->
   ``.attention.``, ``embeddings.LayerNorm`` -> ``qformer.layernorm``), ``query_tokens``,
   ``vision_proj`` -> ``proj``. The mapping matches LAVIS's forward to 7e-7
-  (../shared/ECOSYSTEM.md).
+  (../shared/ECOSYSTEM.md). With a ``blip2_vit`` tower, LAVIS's EVA ViT maps onto it as well:
+  ``ln_vision`` -> ``vision.model.post_layernorm`` and the EVA keys of ``eva_vit_g.pth`` (bare, or
+  under ``visual_encoder.``): ``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.norm1/2``,
+  ``attn.qkv``, ``attn.q_bias``/``v_bias`` (folded into one ``qkv.bias`` with a zero key bias, as
+  EVA computes it), ``attn.proj``, ``mlp.fc1/fc2``. LAVIS saves ``blip2_pretrained.pth`` without the
+  frozen ViT, so give both files: ``init: [{source: lavis, path: eva_vit_g.pth}, {source: lavis,
+  path: blip2_pretrained.pth}]``.
 * ``hf_blip2``: a transformers ``Blip2ForImageTextRetrieval`` checkpoint folder (the layout of
   Salesforce/blip2-itm-vit-g): ``qformer.*``, ``embeddings.*`` -> ``text_embeddings.*``,
   ``query_tokens``, ``vision_projection`` -> ``proj``, and ``vision_model.*`` ->
   ``vision.model.*`` when the tower is ``blip2_vit`` (its sizes must match: EVA ViT-g is
   width 1408, 39 layers, 16 heads, patch 14, image 224, mlp ratio 4.3637).
+
+* ``hf_clip``: a transformers ``CLIPModel`` or ``CLIPVisionModel`` folder: ``vision_model.*`` (or a
+  ``CLIPVisionModel``'s bare keys) -> the ``clip_vit`` tower (sizes must match; the text tower and projections are unused). It
+  provides no Q-Former weights: combine it with ``bert`` for BLIP-2's recipe on a CLIP tower,
+  ``init: [{source: hf_clip, path: ...}, {source: bert, path: minilm}]``.
+
+Several sources may be listed; their mapped weights are merged in order (a later source's tensor
+replaces an earlier one's) and checked together. A vision tower is loaded whole or not at all: a
+source that maps some of its weights (``ln_vision`` alone, say) but not the rest is refused.
 
 Keys the source has but the tower does not use (a vision tower of another kind, ITM and LM heads,
 the text projection, the temperature) are reported as unused; tower keys the source lacks are
@@ -33,7 +48,7 @@ import torch
 
 from ..errors import CsmcirError
 
-__all__ = ["map_bert", "map_lavis", "map_hf_blip2", "load_pretrained", "read_state_dict"]
+__all__ = ["map_bert", "map_lavis", "map_hf_blip2", "map_hf_clip", "load_pretrained", "read_state_dict"]
 
 _FFN = re.compile(r"^(qformer\.encoder\.layer\.\d+\.)(intermediate|output)\.(.*)$")
 
@@ -66,6 +81,36 @@ def map_bert(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list
     return out, unused
 
 
+_EVA_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv", "attn.q_bias": "self_attn.q_bias",
+              "attn.v_bias": "self_attn.v_bias", "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_EVA_KEY = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$|^blocks\.(\d+)\.(attn\.q_bias|attn\.v_bias)$")
+
+
+def _eva_key(key: str) -> str | None:
+    """A LAVIS EVA-ViT key (``visual_encoder.`` prefix removed) -> the blip2_vit tower's, or None."""
+    top = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+           "patch_embed.proj.weight": "embeddings.patch_embedding.weight", "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
+    if key in top:
+        return "vision.model." + top[key]
+    m = _EVA_KEY.match(key)
+    if m is None:
+        if re.match(r"^blocks\.\d+\.gamma_[12]$", key):
+            raise CsmcirError(f"EVA key {key}: layer-scale ViTs have no Blip2VisionModel counterpart")
+        return None
+    if m.group(1) is not None:
+        return f"vision.model.encoder.layers.{m.group(1)}.{_EVA_BLOCK[m.group(2)]}.{m.group(3)}"
+    return f"vision.model.encoder.layers.{m.group(4)}.{_EVA_BLOCK[m.group(5)]}"
+
+
+def _fold_qkv_bias(out: dict[str, torch.Tensor]) -> None:
+    """EVA / older BLIP-2 layouts keep ``q_bias`` and ``v_bias``; Blip2VisionModel has one
+    ``qkv.bias`` = [q_bias, 0, v_bias] (the key has no bias)."""
+    for qk in [k for k in out if k.endswith(".self_attn.q_bias")]:
+        stem = qk[: -len("q_bias")]
+        q, v = out.pop(qk), out.pop(stem + "v_bias")
+        out[stem + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+
+
 def map_lavis(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     out, unused = {}, []
     for k, v in sd.items():
@@ -75,12 +120,15 @@ def map_lavis(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], lis
             key = "query_tokens"
         elif k.startswith("vision_proj."):
             key = "proj." + k.split(".", 1)[1]
+        elif k.startswith("ln_vision."):
+            key = "vision.model.post_layernorm." + k.split(".", 1)[1]
         else:
-            key = None
+            key = _eva_key(k.removeprefix("visual_encoder."))
         if key is None:
             unused.append(k)
         else:
             out[key] = v
+    _fold_qkv_bias(out)
     return out, unused
 
 
@@ -95,6 +143,21 @@ def map_hf_blip2(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             out["proj." + k.split(".", 1)[1]] = v
         elif k.startswith("vision_model."):  # BLIP-2's EVA ViT, for a blip2_vit tower of the same sizes
             out["vision.model." + k[len("vision_model."):]] = v
+        else:
+            unused.append(k)
+    _fold_qkv_bias(out)
+    return out, unused
+
+
+def map_hf_clip(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, unused = {}, []
+    for k, v in sd.items():
+        if k.endswith("position_ids"):
+            unused.append(k)
+        elif k.startswith("vision_model."):  # a CLIPModel (hub layout)
+            out["vision.model." + k[len("vision_model."):]] = v
+        elif k.split(".", 1)[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):  # a CLIPVisionModel
+            out["vision.model." + k] = v
         else:
             unused.append(k)
     return out, unused
@@ -138,31 +201,51 @@ def read_state_dict(source: str, path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-# the tower keys a BERT source never provides (BLIP-2 initialises them randomly too)
-_BERT_RANDOM = re.compile(r"^(query_tokens|proj\.|vision\.|qformer\.encoder\.layer\.\d+\.crossattention\.)")
-_NOT_QFORMER = re.compile(r"^vision\.")  # the vision tower is loaded separately
+# the Q-Former keys a BERT source never provides (BLIP-2 initialises them randomly too)
+_BERT_RANDOM = re.compile(r"^(query_tokens|proj\.|qformer\.encoder\.layer\.\d+\.crossattention\.)")
+_MAPPERS = {"bert": map_bert, "lavis": map_lavis, "hf_blip2": map_hf_blip2, "hf_clip": map_hf_clip}
 
 
-def load_pretrained(model: torch.nn.Module, source: str, path: str, allow_partial: bool = False) -> dict[str, list[str]]:
+def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]], path: str | None = None,
+                    allow_partial: bool = False) -> dict[str, list[str]]:
     """Copy mapped weights into ``model`` (a :class:`CIRDualTower`); returns the report
-    ``{"loaded", "missing", "unused"}``. See the module docstring for the rules."""
-    mappers = {"bert": map_bert, "lavis": map_lavis, "hf_blip2": map_hf_blip2}
-    if source not in mappers:
-        raise CsmcirError(f"unknown weight source {source!r} (bert, lavis, hf_blip2)")
-    mapped, unused = mappers[source](read_state_dict(source, path))
+    ``{"loaded", "missing", "unused"}``. ``source``/``path`` name one checkpoint; a list of
+    ``(source, path)`` pairs merges several. See the module docstring for the rules."""
+    pairs = [(source, path)] if isinstance(source, str) else list(source)
+    if not pairs:
+        raise CsmcirError("no weight source given")
+    mapped: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
+    qformer_sources = set()
+    for src, pth in pairs:
+        if src not in _MAPPERS:
+            raise CsmcirError(f"unknown weight source {src!r} ({', '.join(_MAPPERS)})")
+        m, u = _MAPPERS[src](read_state_dict(src, pth))
+        if any(not k.startswith("vision.") for k in m):
+            qformer_sources.add(src)
+        mapped.update(m)
+        unused += u
+    where = ", ".join(str(p) for _, p in pairs)
     own = model.state_dict()
     for k, v in mapped.items():
         if k not in own:
             unused.append(k)
         elif own[k].shape != v.shape:
-            raise CsmcirError(f"{path}: {k} has shape {tuple(v.shape)} but the model's is {tuple(own[k].shape)} "
-                              f"(set the Q-Former sizes to the checkpoint's)")
+            raise CsmcirError(f"{where}: {k} has shape {tuple(v.shape)} but the model's is {tuple(own[k].shape)} "
+                              f"(set the model sizes to the checkpoint's)")
     loaded = sorted(k for k in mapped if k in own)
-    expected_missing = _BERT_RANDOM if source == "bert" else _NOT_QFORMER
-    missing = sorted(k for k in own if k not in mapped and not expected_missing.match(k))
+    missing = []
+    vision = [k for k in own if k.startswith("vision.")]
+    if any(k in mapped for k in vision):  # a vision tower is loaded whole or not at all
+        missing += [k for k in vision if k not in mapped]
+    if qformer_sources:  # Q-Former keys; a BERT-only init leaves cross-attention, queries and projection random
+        random_ok = _BERT_RANDOM if qformer_sources == {"bert"} else None
+        missing += [k for k in own if not k.startswith("vision.") and k not in mapped and not (random_ok and random_ok.match(k))]
+    missing.sort()
     if missing and not allow_partial:
-        raise CsmcirError(f"{path}: {len(missing)} Q-Former weights missing from the {source} checkpoint, first {missing[0]!r} "
-                          f"(allow_partial loads the rest)")
+        part = "vision" if missing[0].startswith("vision.") else "Q-Former"
+        raise CsmcirError(f"{where}: {len(missing)} {part} weights missing from the {'+'.join(s for s, _ in pairs)} checkpoint, "
+                          f"first {missing[0]!r} (allow_partial loads the rest)")
     with torch.no_grad():
         for k in loaded:
             own[k].copy_(mapped[k].to(own[k].dtype))
