@@ -160,3 +160,45 @@ def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(
     m2 = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9})
     m2.load_state_dict(sd)
     torch.testing.assert_close(next(m2.ema_model.parameters()), e0)
+
+
+def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_path, monkeypatch):
+    """momentum_keys: qformer: keys come from the EMA Q-Former on the features the step already
+    computed, so the EMA copy's vision tower is never run nor updated."""
+    import csv
+
+    from csmcir.cli import main
+    from csmcir.lightning.module import CIRModule
+
+    from .conftest import fit_args
+
+    m = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
+    ema_vision = [p.detach().clone() for p in m.ema_model.vision.parameters()]
+    q_before = m.ema_model.proj.weight.detach().clone()
+    with torch.no_grad():
+        for p in m.model.parameters():
+            p.add_(1.0)
+    m.on_train_batch_end(None, None, 0)
+    assert all(torch.equal(a, b) for a, b in zip(ema_vision, m.ema_model.vision.parameters()))
+    torch.testing.assert_close(m.ema_model.proj.weight, q_before + 0.1)
+
+    original = CIRModule.on_fit_start
+
+    def no_ema_vision(self):
+        original(self)
+
+        def fail(*a, **k):
+            raise AssertionError("the EMA vision tower ran")
+        self.ema_model.vision.forward = fail
+
+    monkeypatch.setattr(CIRModule, "on_fit_start", no_ema_vision)
+    args = fit_args(easy_bench, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
+                    "--model.memory_bank", '{"capacity": 64, "momentum": 0.9, "momentum_keys": "qformer", "drift_every": 2}')
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
+    bank = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]
+    assert len(bank) == 4 and all(math.isfinite(x) for x in bank)
+    assert [r for r in rows if r.get("train/bank_drift")]  # the drift probe ran too, on the trained tower
+    with pytest.raises(ValueError, match="momentum_keys"):
+        MemoryBank(4, momentum=0.9, momentum_keys="vision")

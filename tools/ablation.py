@@ -30,6 +30,9 @@ VARIANTS = {
     "entropy_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25}'],
     # the same rule with momentum keys: an EMA copy of the tower encodes the bank and the bank term's positive
     "momentum_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99}'],
+    # cheaper keys: the EMA Q-Former reads the step's own target features (no second vision pass)
+    "momentum_qformer_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, '
+                              '"momentum": 0.99, "momentum_keys": "qformer"}'],
 }
 # distillation (issue 6) from the synthetic reasoning ORACLE, a stand-in for a CIR-CoT MLLM; the stores are
 # written by `csmcir teacher --backend oracle` (README, "Teacher embeddings"); "symmetric" is its no-distillation control

@@ -35,6 +35,9 @@ VARIANTS = {
     "fifo_bank": {"capacity": 4096, "max_age": None, "half_life": None, "min_fraction": 1.0},
     "entropy_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25},
     "momentum_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99},
+    # the same with keys from the EMA Q-Former on the step's own target features (no second vision pass)
+    "momentum_qformer_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99,
+                              "momentum_keys": "qformer"},
 }
 
 
@@ -106,25 +109,29 @@ def bank_work(bank: dict, reps: int, batch: int = 128, dim: int = 128, seed: int
     return out
 
 
-def ema_update_s(reps: int = 20) -> float:
-    """Median seconds of one EMA update of the default model's weights (momentum bank)."""
+def ema_update_s(reps: int = 20, skip_vision: bool = False) -> float:
+    """Median seconds of one EMA update of the default model's weights (momentum bank); with
+    ``skip_vision`` only the Q-Former side, as ``momentum_keys: qformer`` does."""
     import copy
 
     module = CIRModule()
     ema = copy.deepcopy(module.model).requires_grad_(False)
+    pairs = [(pe, p) for (n, pe), p in zip(ema.named_parameters(), module.model.parameters())
+             if not (skip_vision and n.startswith("vision."))]
     ts = []
     with torch.no_grad():
         for _ in range(reps):
             t0 = time.perf_counter()
-            for pe, p in zip(ema.parameters(), module.model.parameters()):
+            for pe, p in pairs:
                 pe.lerp_(p, 0.01)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
-def drift_probe_s(sample: int, reps: int = 5) -> float:
+def drift_probe_s(sample: int, reps: int = 5, qformer_only: bool = False) -> float:
     """Median seconds to encode ``sample`` targets (image + 24-token caption) with the default
-    model, without gradient: the drift probe, and the momentum encoder's keys of a batch."""
+    model, without gradient: the drift probe, and the momentum encoder's keys of a batch
+    (``qformer_only``: from image features already computed, as ``momentum_keys: qformer``)."""
     module = CIRModule()
     cfg = module.model_config
     size = cfg.vision.image_size if hasattr(cfg.vision, "image_size") else 64
@@ -133,9 +140,13 @@ def drift_probe_s(sample: int, reps: int = 5) -> float:
     m = torch.ones_like(tok)
     ts = []
     with torch.no_grad():
+        feats = module.model.encode_image(pixels) if qformer_only else None
         for _ in range(reps):
             t0 = time.perf_counter()
-            module.model.encode(tok, m, pixels=pixels)
+            if qformer_only:
+                module.model.encode(tok, m, image_features=feats)
+            else:
+                module.model.encode(tok, m, pixels=pixels)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -190,8 +201,9 @@ def main() -> int:
         w["drift_probe_s"] = drift_probe_s(cfg.get("drift_sample", 64))
         w["added_per_step_s"] = w["bank_added_s"] + w["drift_probe_s"] / every
         if cfg.get("momentum") is not None:  # the keys of every batch, and the EMA update
-            w["key_encoder_s"] = drift_probe_s(128)
-            w["ema_update_s"] = ema_update_s()
+            qformer_keys = cfg.get("momentum_keys") == "qformer"
+            w["key_encoder_s"] = drift_probe_s(128, qformer_only=qformer_keys)
+            w["ema_update_s"] = ema_update_s(skip_vision=qformer_keys)
             w["added_per_step_s"] += w["key_encoder_s"] + w["ema_update_s"]
         w["overhead_of_step"] = w["added_per_step_s"] / step_s
         work[v] = w

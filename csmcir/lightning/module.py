@@ -186,7 +186,10 @@ class CIRModule(L.LightningModule):
             self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
             if self.ema_model is not None:
                 with torch.no_grad():  # this rank's targets through the momentum encoder
-                    key = self.ema_model.encode(batch["caption_ids"], batch["caption_mask"], pixels=batch["target"])
+                    if self.bank.momentum_keys == "qformer":  # the step's own target features, EMA Q-Former only
+                        key = self.ema_model.encode(batch["caption_ids"], batch["caption_mask"], image_features=features[:bs].detach())
+                    else:
+                        key = self.ema_model.encode(batch["caption_ids"], batch["caption_mask"], pixels=batch["target"])
         bank_kw = {} if extra is None or key is not None else {"extra": extra, "extra_bias": extra_bias}
         loss = self.loss(q, cand, mask, query_offset=offset, **bank_kw)
         if key is not None:
@@ -314,15 +317,20 @@ class CIRModule(L.LightningModule):
         ids = store.caption_ids[rows, :n].long().to(self.device)
         mask = (torch.arange(n)[None, :] < store.caption_lengths[rows][:, None]).long().to(self.device)
         encoder = self.model if self.ema_model is None else self.ema_model  # the encoder that made the entries
-        fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device))
+        if self.ema_model is not None and self.bank.momentum_keys == "qformer":  # its vision side is the trained tower
+            fresh = encoder.encode(ids, mask, image_features=self.model.encode_image(store.images[rows].to(self.device)))
+        else:
+            fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device))
         return self.bank.drift(slots, fresh)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema_model is not None:  # after the optimizer step: ema = m * ema + (1 - m) * model
             m = self.bank.momentum
-            for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
-                pe.lerp_(p.detach(), 1 - m)
+            skip_vision = self.bank.momentum_keys == "qformer"  # the EMA vision copy is never read then
+            for (name, pe), p in zip(self.ema_model.named_parameters(), self.model.parameters()):
+                if not (skip_vision and name.startswith("vision.")):
+                    pe.lerp_(p.detach(), 1 - m)
             for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
                 be.copy_(b)
 

@@ -70,15 +70,22 @@ class MemoryBank(nn.Module):
         momentum: ``None`` (entries are the trained model's targets, extra negatives of the main
             loss) or the EMA momentum of a key encoder (e.g. 0.99; see the module docstring).
         weight: weight of the :func:`bank_nce` term (with ``momentum``).
+        momentum_keys: with ``momentum``, what the EMA copy covers. ``"tower"`` (default): the whole
+            tower, vision included, re-encodes each target image for its key. ``"qformer"``: the
+            EMA Q-Former (with its query tokens, text embeddings and projection) reads the image
+            features the step already computed with the trained vision tower, so a key costs one
+            Q-Former pass and no vision pass (cheaper; the vision side of a key is then current).
     """
 
     def __init__(self, dim: int, capacity: int = 4096, max_age: int | None = 200, half_life: float | None = 100.0,
                  min_fraction: float = 0.25, drift_every: int = 50, drift_sample: int = 64, momentum: float | None = None,
-                 weight: float = 1.0):
+                 weight: float = 1.0, momentum_keys: str = "tower"):
         super().__init__()
         if momentum is not None and not 0 <= momentum < 1:
             raise ValueError("memory bank momentum must be in [0, 1) or null")
-        self.momentum, self.weight = momentum, float(weight)
+        if momentum_keys not in ("tower", "qformer"):
+            raise ValueError(f"memory bank momentum_keys must be 'tower' or 'qformer', got {momentum_keys!r}")
+        self.momentum, self.weight, self.momentum_keys = momentum, float(weight), momentum_keys
         if capacity < 1 or (max_age is not None and max_age < 0) or (half_life is not None and half_life <= 0) or not 0 < min_fraction <= 1:
             raise ValueError("memory bank needs capacity >= 1, max_age >= 0 or null, half_life > 0 or null, 0 < min_fraction <= 1")
         self.capacity, self.max_age, self.min_fraction = capacity, max_age, min_fraction
@@ -155,8 +162,7 @@ class MemoryBank(nn.Module):
             h = -(p * torch.log(p.clamp_min(1e-30))).sum(1) / torch.log(n)
             n_bank = torch.isfinite(logits).sum(1)
             k = torch.ceil(n_bank * (self.min_fraction + (1 - self.min_fraction) * h.clamp(0, 1))).long()
-            order = logits.argsort(dim=1, descending=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-            bias[rank >= k[:, None]] = float("-inf")
-            return bias
+            # keep each query's k hardest: everything below its k-th largest logit goes (a sort of
+            # the values and a gather; ranking every entry by argsort + scatter cost twice as much)
+            kth = logits.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
+            return bias.masked_fill(logits < kth, float("-inf"))
