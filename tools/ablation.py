@@ -44,6 +44,11 @@ VARIANTS["distill_both"] = _TEACHER + ["--model.distill", '{"teacher_dim": 384, 
 # (per-step bank work measured by tools/bench_memory_bank.py: +0.9 % and +3.4 %; docs/memory_bank.md)
 VARIANTS["fifo_bank_eqtime"] = VARIANTS["fifo_bank"] + ["--trainer.max_steps", "580"]
 VARIANTS["entropy_bank_eqtime"] = VARIANTS["entropy_bank"] + ["--trainer.max_steps", "566"]
+# MiniLM initialisation (issue 7): a Q-Former of MiniLM's width (384, 12 heads, 1536 FFN, its first 2 layers),
+# random against initialised from the packaged all-MiniLM-L6-v2 as BLIP-2 starts from BERT; same recipe otherwise
+_MINILM_QF = ["--model.model_overrides", '{"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 2}}']
+VARIANTS["minilm_random"] = _MINILM_QF
+VARIANTS["minilm_init"] = _MINILM_QF + ["--model.init", '{"source": "bert", "path": "minilm"}']
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 
 
