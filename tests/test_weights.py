@@ -266,3 +266,12 @@ def test_clip_vision_tower_loads_a_saved_clip_model_and_combines_with_bert(tmp_p
     assert load_pretrained(ours2, "hf_clip", str(tmp_path / "clip-vision"))["missing"] == []
     with torch.no_grad():
         assert (ours2.encode_image(px) - expected).abs().max() < 1e-5
+
+
+def test_eva_files_the_tower_cannot_represent_are_refused_by_file_and_key(tmp_path):
+    torch.save({"cls_token": torch.zeros(1, 1, 32), "blocks.0.gamma_1": torch.ones(32)}, tmp_path / "eva_layerscale.pth")
+    with pytest.raises(CsmcirError, match=r"eva_layerscale.pth: EVA key blocks.0.gamma_1: layer-scale"):
+        load_pretrained(_tower(), "lavis", str(tmp_path / "eva_layerscale.pth"))
+    torch.save({"blocks.0.attn.q_bias": torch.ones(32)}, tmp_path / "eva_half.pth")
+    with pytest.raises(CsmcirError, match=r"eva_half.pth: .*layers.0.self_attn.q_bias has no v_bias"):
+        load_pretrained(_tower(), "lavis", str(tmp_path / "eva_half.pth"))

@@ -24,8 +24,8 @@ Sources (``load_pretrained``):
   width 1408, 39 layers, 16 heads, patch 14, image 224, mlp ratio 4.3637).
 
 * ``hf_clip``: a transformers ``CLIPModel`` or ``CLIPVisionModel`` folder: ``vision_model.*`` (or a
-  ``CLIPVisionModel``'s bare keys) -> the ``clip_vit`` tower (sizes must match; the text tower and projections are unused). It
-  provides no Q-Former weights: combine it with ``bert`` for BLIP-2's recipe on a CLIP tower,
+  ``CLIPVisionModel``'s bare keys) -> the ``clip_vit`` tower (sizes must match; the text tower
+  and projections are unused). It provides no Q-Former weights: combine it with ``bert`` for BLIP-2's recipe on a CLIP tower,
   ``init: [{source: hf_clip, path: ...}, {source: bert, path: minilm}]``.
 
 Several sources may be listed; their mapped weights are merged in order (a later source's tensor
@@ -107,6 +107,8 @@ def _fold_qkv_bias(out: dict[str, torch.Tensor]) -> None:
     ``qkv.bias`` = [q_bias, 0, v_bias] (the key has no bias)."""
     for qk in [k for k in out if k.endswith(".self_attn.q_bias")]:
         stem = qk[: -len("q_bias")]
+        if stem + "v_bias" not in out:
+            raise CsmcirError(f"{qk} has no v_bias beside it")
         q, v = out.pop(qk), out.pop(stem + "v_bias")
         out[stem + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
 
@@ -220,7 +222,12 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
     for src, pth in pairs:
         if src not in _MAPPERS:
             raise CsmcirError(f"unknown weight source {src!r} ({', '.join(_MAPPERS)})")
-        m, u = _MAPPERS[src](read_state_dict(src, pth))
+        try:
+            m, u = _MAPPERS[src](read_state_dict(src, pth))
+        except CsmcirError as e:
+            if str(pth) in str(e):
+                raise
+            raise CsmcirError(f"{pth}: {e}") from None
         if any(not k.startswith("vision.") for k in m):
             qformer_sources.add(src)
         mapped.update(m)
