@@ -41,7 +41,8 @@ class CIRModule(L.LightningModule):
         memory_bank: ``null`` (default: in-batch negatives only) or the options of
             :class:`~csmcir.losses.MemoryBank` (``capacity``, ``max_age``, ``half_life``,
             ``min_fraction``): target embeddings of earlier steps as extra negatives, weighted by
-            age and selected by each query's entropy; ``momentum`` makes an EMA copy encode them.
+            age and selected by each query's entropy; ``momentum`` makes an EMA copy encode them
+            (``momentum_keys: qformer``: only its Q-Former, on the step's own image features).
             Off by default: on the synthetic default, banks of the trained model's own old
             targets collapse training and the momentum bank does not beat in-batch negatives on
             the test split (docs/memory_bank.md).
