@@ -173,6 +173,7 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
     from .conftest import fit_args
 
     m = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
+    assert not list(m.ema_model.vision.parameters())  # the copy holds no vision tower to keep up to date
     ema_vision = [p.detach().clone() for p in m.ema_model.vision.parameters()]
     q_before = m.ema_model.proj.weight.detach().clone()
     with torch.no_grad():

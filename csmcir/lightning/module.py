@@ -122,7 +122,10 @@ class CIRModule(L.LightningModule):
         # checkpoints as ema_model.*; inference reads model.* only)
         self.ema_model = None
         if self.bank is not None and self.bank.momentum is not None:
-            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+            # momentum_keys qformer: keys read the trained tower's features, so the copy leaves the
+            # vision tower out (an empty stand-in; the memo keeps deepcopy from copying it at all)
+            memo = {id(self.model.vision): torch.nn.Identity()} if self.bank.momentum_keys == "qformer" else {}
+            self.ema_model = copy.deepcopy(self.model, memo).requires_grad_(False)
         self.distill = None
         self.distill_head = None
         if distill:
@@ -328,12 +331,11 @@ class CIRModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema_model is not None:  # after the optimizer step: ema = m * ema + (1 - m) * model
             m = self.bank.momentum
-            skip_vision = self.bank.momentum_keys == "qformer"  # the EMA vision copy is never read then
-            for (name, pe), p in zip(self.ema_model.named_parameters(), self.model.parameters()):
-                if not (skip_vision and name.startswith("vision.")):
-                    pe.lerp_(p.detach(), 1 - m)
-            for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
-                be.copy_(b)
+            params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+            for name, pe in self.ema_model.named_parameters():  # what the copy holds (no vision with qformer keys)
+                pe.lerp_(params[name].detach(), 1 - m)
+            for name, be in self.ema_model.named_buffers():
+                be.copy_(buffers[name])
 
     def on_train_epoch_end(self):
         if self.bank is not None and self.trainer.world_size > 1:

@@ -94,6 +94,12 @@ class ConvTower(VisionTower):
         return self.norm(f + self.pos)
 
 
+def _vit_sizes(cfg: VisionConfig) -> dict:
+    """The transformers ViT config arguments (Blip2VisionConfig, CLIPVisionConfig) for ``cfg``."""
+    return dict(hidden_size=cfg.width, intermediate_size=int(round(cfg.width * cfg.mlp_ratio)), num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
+
+
 class Blip2ViTTower(VisionTower):
     """transformers' ``Blip2VisionModel`` (BLIP-2's EVA-ViT layout) built from the config sizes.
 
@@ -105,15 +111,7 @@ class Blip2ViTTower(VisionTower):
         super().__init__(cfg)
         from transformers import Blip2VisionConfig, Blip2VisionModel
 
-        vcfg = Blip2VisionConfig(
-            hidden_size=cfg.width,
-            intermediate_size=int(round(cfg.width * cfg.mlp_ratio)),
-            num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-        )
-        self.model = Blip2VisionModel(vcfg)
+        self.model = Blip2VisionModel(Blip2VisionConfig(**_vit_sizes(cfg)))
 
     def features(self, x):
         return self.model(pixel_values=x).last_hidden_state
@@ -131,15 +129,7 @@ class ClipViTTower(VisionTower):
         super().__init__(cfg)
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        vcfg = CLIPVisionConfig(
-            hidden_size=cfg.width,
-            intermediate_size=int(round(cfg.width * cfg.mlp_ratio)),
-            num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-        )
-        self.model = CLIPVisionModel(vcfg)
+        self.model = CLIPVisionModel(CLIPVisionConfig(**_vit_sizes(cfg)))
 
     def features(self, x):
         return self.model.post_layernorm(self.model(pixel_values=x).last_hidden_state)

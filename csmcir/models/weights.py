@@ -25,8 +25,8 @@ Sources (``load_pretrained``):
 
 * ``hf_clip``: a transformers ``CLIPModel`` or ``CLIPVisionModel`` folder: ``vision_model.*`` (or a
   ``CLIPVisionModel``'s bare keys) -> the ``clip_vit`` tower (sizes must match; the text tower
-  and projections are unused). It provides no Q-Former weights: combine it with ``bert`` for BLIP-2's recipe on a CLIP tower,
-  ``init: [{source: hf_clip, path: ...}, {source: bert, path: minilm}]``.
+  and projections are unused). It provides no Q-Former weights: combine it with ``bert`` for
+  BLIP-2's recipe on a CLIP tower, ``init: [{source: hf_clip, path: ...}, {source: bert, path: minilm}]``.
 
 Several sources may be listed; their mapped weights are merged in order (a later source's tensor
 replaces an earlier one's) and checked together. A vision tower is loaded whole or not at all: a
@@ -86,12 +86,14 @@ _EVA_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_
 _EVA_KEY = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$|^blocks\.(\d+)\.(attn\.q_bias|attn\.v_bias)$")
 
 
+_EVA_TOP = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+            "patch_embed.proj.weight": "embeddings.patch_embedding.weight", "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
+
+
 def _eva_key(key: str) -> str | None:
     """A LAVIS EVA-ViT key (``visual_encoder.`` prefix removed) -> the blip2_vit tower's, or None."""
-    top = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-           "patch_embed.proj.weight": "embeddings.patch_embedding.weight", "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
-    if key in top:
-        return "vision.model." + top[key]
+    if key in _EVA_TOP:
+        return "vision.model." + _EVA_TOP[key]
     m = _EVA_KEY.match(key)
     if m is None:
         if re.match(r"^blocks\.\d+\.gamma_[12]$", key):
@@ -222,11 +224,10 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
     for src, pth in pairs:
         if src not in _MAPPERS:
             raise CsmcirError(f"unknown weight source {src!r} ({', '.join(_MAPPERS)})")
+        sd = read_state_dict(src, pth)  # its errors name the file already
         try:
-            m, u = _MAPPERS[src](read_state_dict(src, pth))
+            m, u = _MAPPERS[src](sd)
         except CsmcirError as e:
-            if str(pth) in str(e):
-                raise
             raise CsmcirError(f"{pth}: {e}") from None
         if any(not k.startswith("vision.") for k in m):
             qformer_sources.add(src)
