@@ -146,6 +146,7 @@ def test_serve_upload_through_the_page_shows_the_hits(server, easy_bench, browse
     browser.find_element(By.ID, "image").send_keys(str(bad))
     browser.find_element(By.ID, "text").send_keys("make it red")
     browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, "error"))  # the answer page, as above
     assert "not an image" in browser.find_element(By.ID, "error").text
 
 
