@@ -44,6 +44,8 @@ VARIANTS["distill_both"] = _TEACHER + ["--model.distill", '{"teacher_dim": 384, 
 # (per-step bank work measured by tools/bench_memory_bank.py: +0.9 % and +3.4 %; docs/memory_bank.md)
 VARIANTS["fifo_bank_eqtime"] = VARIANTS["fifo_bank"] + ["--trainer.max_steps", "580"]
 VARIANTS["entropy_bank_eqtime"] = VARIANTS["entropy_bank"] + ["--trainer.max_steps", "566"]
+# momentum bank with Q-Former keys: +10.2 % a step (2026-11-23 measurement), so 531 steps
+VARIANTS["momentum_qformer_bank_eqtime"] = VARIANTS["momentum_qformer_bank"] + ["--trainer.max_steps", "531"]
 # MiniLM initialisation (issue 7): a Q-Former of MiniLM's width (384, 12 heads, 1536 FFN, its first 2 layers),
 # random against initialised from the packaged all-MiniLM-L6-v2 as BLIP-2 starts from BERT; same recipe otherwise
 _MINILM_QF = ["--model.model_overrides", '{"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 2}}']
