@@ -163,8 +163,8 @@ def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(
 
 
 def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_path, monkeypatch):
-    """momentum_keys: qformer: keys come from the EMA Q-Former on the features the step already
-    computed, so the EMA copy's vision tower is never run nor updated."""
+    """momentum_keys: qformer (a frozen tower): keys come from the EMA Q-Former on the features the
+    step already computed, so the EMA copy's vision tower is never run nor updated."""
     import csv
 
     from csmcir.cli import main
@@ -172,7 +172,7 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
 
     from .conftest import fit_args
 
-    m = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
+    m = CIRModule(model="tiny", freeze_vision=True, memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
     assert not list(m.ema_model.vision.parameters())  # the copy holds no vision tower to keep up to date
     ema_vision = [p.detach().clone() for p in m.ema_model.vision.parameters()]
     q_before = m.ema_model.proj.weight.detach().clone()
@@ -195,6 +195,7 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
     monkeypatch.setattr(CIRModule, "on_fit_start", no_ema_vision)
     args = fit_args(easy_bench, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
                     "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
+                    "--model.freeze_vision", "true",
                     "--model.memory_bank", '{"capacity": 64, "momentum": 0.9, "momentum_keys": "qformer", "drift_every": 2}')
     assert main(args) == 0
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
@@ -203,3 +204,35 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
     assert [r for r in rows if r.get("train/bank_drift")]  # the drift probe ran too, on the trained tower
     with pytest.raises(ValueError, match="momentum_keys"):
         MemoryBank(4, momentum=0.9, momentum_keys="vision")
+
+
+def test_qformer_momentum_keys_need_a_frozen_tower():
+    """With a trained tower, Q-Former keys carry the tower's drift (the synthetic fit learnt nothing):
+    the module refuses the combination and names the fix."""
+    from csmcir.lightning.module import CIRModule
+
+    with pytest.raises(ValueError, match="frozen vision tower.*momentum_keys: tower"):
+        CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
+    CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "tower"})
+
+
+def test_qformer_keys_equal_tower_keys_on_a_frozen_tower(easy_bench, tmp_path):
+    """On a frozen tower the EMA vision copy equals the trained one, so Q-Former keys must give the
+    same training as whole-tower keys: the same bank loss, step for step."""
+    import csv
+
+    from csmcir.cli import main
+
+    from .conftest import fit_args
+
+    curves = {}
+    for keys in ("tower", "qformer"):
+        out = tmp_path / keys
+        args = fit_args(easy_bench, out, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1",
+                        "--trainer.limit_val_batches", "0", "--seed_everything", "3", "--model.freeze_vision", "true",
+                        "--model.memory_bank", '{"capacity": 64, "momentum": 0.9, "momentum_keys": "%s", "drift_every": 0}' % keys)
+        assert main(args) == 0
+        rows = list(csv.DictReader(open(next(out.glob("lightning_logs/version_*/metrics.csv")))))
+        curves[keys] = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]
+    assert len(curves["tower"]) == 6
+    torch.testing.assert_close(torch.tensor(curves["qformer"]), torch.tensor(curves["tower"]), rtol=1e-4, atol=1e-5)

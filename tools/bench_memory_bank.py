@@ -54,7 +54,9 @@ class StepTimer(L.Callback):
 
 def time_variant(bank: dict | None, dm: CIRDataModule, steps: int, seed: int) -> list[float]:
     L.seed_everything(seed, verbose=False)
-    module = CIRModule(memory_bank=bank)
+    # Q-Former keys need a frozen tower (CIRModule refuses a trained one): that step also skips the
+    # tower's backward, so compare its whole-step time with care; the work timings below are like for like
+    module = CIRModule(memory_bank=bank, freeze_vision=bool(bank) and bank.get("momentum_keys") == "qformer")
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], accelerator="cpu")

@@ -42,7 +42,8 @@ class CIRModule(L.LightningModule):
             :class:`~csmcir.losses.MemoryBank` (``capacity``, ``max_age``, ``half_life``,
             ``min_fraction``): target embeddings of earlier steps as extra negatives, weighted by
             age and selected by each query's entropy; ``momentum`` makes an EMA copy encode them
-            (``momentum_keys: qformer``: only its Q-Former, on the step's own image features).
+            (``momentum_keys: qformer``: only its Q-Former, on the step's own image features; frozen
+            vision towers only).
             Off by default: on the synthetic default, banks of the trained model's own old
             targets collapse training and the momentum bank does not beat in-batch negatives on
             the test split (docs/memory_bank.md).
@@ -121,6 +122,13 @@ class CIRModule(L.LightningModule):
         # with a momentum bank: an EMA copy of the tower encodes the bank's keys (saved in
         # checkpoints as ema_model.*; inference reads model.* only)
         self.ema_model = None
+        if self.bank is not None and self.bank.momentum is not None and self.bank.momentum_keys == "qformer" \
+                and any(p.requires_grad for p in self.model.vision.parameters()):
+            # measured: keys that pair a trained tower's current features with an EMA Q-Former let the
+            # model separate the positive key from older entries by the tower's drift alone
+            raise ValueError("model.memory_bank.momentum_keys: qformer needs a frozen vision tower (model.freeze_vision: "
+                             "true, or pretrained vision weights from model.init); with a trained tower the synthetic "
+                             "fit did not learn (test R@1 0.0, docs/memory_bank.md). Use momentum_keys: tower.")
         if self.bank is not None and self.bank.momentum is not None:
             # momentum_keys qformer: keys read the trained tower's features, so the copy leaves the
             # vision tower out (an empty stand-in; the memo keeps deepcopy from copying it at all)

@@ -74,7 +74,9 @@ class MemoryBank(nn.Module):
             tower, vision included, re-encodes each target image for its key. ``"qformer"``: the
             EMA Q-Former (with its query tokens, text embeddings and projection) reads the image
             features the step already computed with the trained vision tower, so a key costs one
-            Q-Former pass and no vision pass (cheaper; the vision side of a key is then current).
+            Q-Former pass and no vision pass. Only for a frozen vision tower (there it gives the
+            same keys as ``"tower"``); with a trained tower the keys carry the tower's current drift and
+            the synthetic fit did not learn, so :class:`CIRModule` refuses that combination.
     """
 
     def __init__(self, dim: int, capacity: int = 4096, max_age: int | None = 200, half_life: float | None = 100.0,
