@@ -206,14 +206,24 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
         MemoryBank(4, momentum=0.9, momentum_keys="vision")
 
 
-def test_qformer_momentum_keys_need_a_frozen_tower():
+def test_qformer_momentum_keys_need_a_frozen_tower(easy_bench, tmp_path, capsys):
     """With a trained tower, Q-Former keys carry the tower's drift (the synthetic fit learnt nothing):
-    the module refuses the combination and names the fix."""
+    the module refuses the combination and names the fix; the CLI says so in one line, exit 2."""
+    from csmcir.cli import main
     from csmcir.lightning.module import CIRModule
+
+    from .conftest import fit_args
 
     with pytest.raises(ValueError, match="frozen vision tower.*momentum_keys: tower"):
         CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
     CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "tower"})
+    capsys.readouterr()
+    args = fit_args(easy_bench, tmp_path, "--model.memory_bank", '{"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"}')
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: invalid configuration: model.memory_bank.momentum_keys: qformer needs a frozen")
+    assert "Traceback" not in "\n".join(err)
+    assert not list(tmp_path.glob("**/*.ckpt"))
 
 
 def test_qformer_keys_equal_tower_keys_on_a_frozen_tower(easy_bench, tmp_path):

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import CIRDataModule
+from ..errors import CsmcirError
 from .callbacks import LastCheckpoint, TrainSpeed
 from .module import CIRModule
 
@@ -59,6 +60,14 @@ class CsmcirCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(TrainSpeed, "train_speed")
+
+    def instantiate_classes(self):
+        # the module's and datamodule's checks of their options (memory_bank, distill, init, ...) raise
+        # ValueError with a one-line message naming the option: a user error, shown without a traceback
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            raise CsmcirError(f"invalid configuration: {e}") from None
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
