@@ -122,17 +122,17 @@ class CIRModule(L.LightningModule):
         # with a momentum bank: an EMA copy of the tower encodes the bank's keys (saved in
         # checkpoints as ema_model.*; inference reads model.* only)
         self.ema_model = None
-        if self.bank is not None and self.bank.momentum is not None and self.bank.momentum_keys == "qformer" \
-                and any(p.requires_grad for p in self.model.vision.parameters()):
-            # measured: keys that pair a trained tower's current features with an EMA Q-Former let the
-            # model separate the positive key from older entries by the tower's drift alone
-            raise ValueError("model.memory_bank.momentum_keys: qformer needs a frozen vision tower (model.freeze_vision: "
-                             "true, or pretrained vision weights from model.init); with a trained tower the synthetic "
-                             "fit did not learn (test R@1 0.0, docs/memory_bank.md). Use momentum_keys: tower.")
         if self.bank is not None and self.bank.momentum is not None:
-            # momentum_keys qformer: keys read the trained tower's features, so the copy leaves the
+            qformer_keys = self.bank.momentum_keys == "qformer"
+            if qformer_keys and any(p.requires_grad for p in self.model.vision.parameters()):
+                # measured: keys that pair a trained tower's current features with an EMA Q-Former let
+                # the model separate the positive key from older entries by the tower's drift alone
+                raise ValueError("model.memory_bank.momentum_keys: qformer needs a frozen vision tower (model.freeze_vision: "
+                                 "true, or pretrained vision weights from model.init); with a trained tower the synthetic "
+                                 "fit did not learn (test R@1 0.0, docs/memory_bank.md). Use momentum_keys: tower.")
+            # momentum_keys qformer: keys read the (frozen) tower's features, so the copy leaves the
             # vision tower out (an empty stand-in; the memo keeps deepcopy from copying it at all)
-            memo = {id(self.model.vision): torch.nn.Identity()} if self.bank.momentum_keys == "qformer" else {}
+            memo = {id(self.model.vision): torch.nn.Identity()} if qformer_keys else {}
             self.ema_model = copy.deepcopy(self.model, memo).requires_grad_(False)
         self.distill = None
         self.distill_head = None
