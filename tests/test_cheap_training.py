@@ -168,3 +168,24 @@ def test_clip_overlay_names_a_clip_tower_and_two_weight_sources(capsys):
     assert [i["source"] for i in cfg["init"]] == ["hf_clip", "bert"]
     vision = get_model_config(cfg["model"], cfg["model_overrides"]).vision
     assert (vision.kind, vision.width, vision.layers, vision.patch_size) == ("clip_vit", 1024, 24, 14)  # ViT-L/14
+
+
+def test_minilm_overlay_builds_the_minilm_init_ablation_variant(capsys):
+    """configs/minilm.yaml is the documented way to run what docs/benchmarks.md section 11 measured."""
+    import yaml
+
+    from pathlib import Path
+
+    from csmcir.config import get_model_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(configs / "synthetic.yaml"), "--config", str(configs / "minilm.yaml"), "--print_config"])
+    assert e.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model = cfg["model"]
+    assert model["init"] == {"source": "bert", "path": "minilm"} and model["model"] == "small"
+    qf = get_model_config(model["model"], model["model_overrides"]).qformer
+    assert (qf.hidden_size, qf.num_heads, qf.intermediate_size, qf.num_layers) == (384, 12, 1536, 2)
+    assert cfg["data"]["synthetic"] is True and cfg["trainer"]["max_epochs"] == 5  # the rest is the default recipe
+    assert cfg["trainer"]["default_root_dir"] == "checkpoints/synthetic-minilm"  # never overwrites the default run
