@@ -50,6 +50,9 @@ VARIANTS["momentum_bank_eqtime"] = VARIANTS["momentum_bank"] + ["--trainer.max_s
 _MINILM_QF = ["--model.model_overrides", '{"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 2}}']
 VARIANTS["minilm_random"] = _MINILM_QF
 VARIANTS["minilm_init"] = _MINILM_QF + ["--model.init", '{"source": "bert", "path": "minilm"}']
+# the same at the default's wall clock: the 384-wide Q-Former trains at 37.1 samples/s against the default's 121
+# (2 threads, alone; docs/benchmarks.md section 11), so 585 / 3.26 = 179 steps
+VARIANTS["minilm_init_eqtime"] = VARIANTS["minilm_init"] + ["--trainer.max_steps", "179"]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 
 
