@@ -45,11 +45,11 @@ VARIANTS["fifo_bank_eqtime"] = VARIANTS["fifo_bank"] + ["--trainer.max_steps", "
 VARIANTS["entropy_bank_eqtime"] = VARIANTS["entropy_bank"] + ["--trainer.max_steps", "566"]
 # the momentum bank: +20.8 % a step (2026-11-23 measurement), so 484 steps
 VARIANTS["momentum_bank_eqtime"] = VARIANTS["momentum_bank"] + ["--trainer.max_steps", "484"]
-# MiniLM initialisation (issue 7): a Q-Former of MiniLM's width (384, 12 heads, 1536 FFN, its first 2 layers),
-# random against initialised from the packaged all-MiniLM-L6-v2 as BLIP-2 starts from BERT; same recipe otherwise
-_MINILM_QF = ["--model.model_overrides", '{"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 2}}']
-VARIANTS["minilm_random"] = _MINILM_QF
-VARIANTS["minilm_init"] = _MINILM_QF + ["--model.init", '{"source": "bert", "path": "minilm"}']
+# MiniLM initialisation (issue 7): configs/minilm.yaml, a Q-Former of MiniLM's width (384, 12 heads, 1536 FFN,
+# its first 2 layers) initialised from the packaged all-MiniLM-L6-v2 as BLIP-2 starts from BERT, against the
+# same Q-Former with random weights; same recipe otherwise (the overlay's default_root_dir is overridden per run)
+VARIANTS["minilm_init"] = ["--config", "configs/minilm.yaml"]
+VARIANTS["minilm_random"] = VARIANTS["minilm_init"] + ["--model.init", "null"]
 # the same at the default's wall clock: the 384-wide Q-Former trains at 37.1 samples/s against the default's 121
 # (2 threads, alone; docs/benchmarks.md section 11), so 585 / 3.26 = 179 steps
 VARIANTS["minilm_init_eqtime"] = VARIANTS["minilm_init"] + ["--trainer.max_steps", "179"]
