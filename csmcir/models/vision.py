@@ -135,7 +135,47 @@ class ClipViTTower(VisionTower):
         return self.model.post_layernorm(self.model(pixel_values=x).last_hidden_state)
 
 
-_TOWERS = {"conv": ConvTower, "blip2_vit": Blip2ViTTower, "clip_vit": ClipViTTower}
+class EfficientNetLite0Tower(VisionTower):
+    """The ImageNet EfficientNet-Lite0 CNN (:mod:`csmcir.models.efficientnet`), cut at ``feature_stage``.
+
+    Returns that stage's feature grid as tokens ``[B, H*W, C]`` (row-major; C = the stage's
+    channels, which ``width`` must equal). Only the stages up to ``feature_stage`` are built.
+    Randomly initialised here; the ``efficientnet`` init source loads the packaged ImageNet
+    weights. While the tower is frozen (no parameter requires grad) its BatchNorm layers stay in
+    eval mode, so training the Q-Former never updates or uses batch statistics.
+    The network expects ``mean``/``std`` 127/255 and 128/255 (:data:`~csmcir.models.efficientnet.MEAN`).
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        from .efficientnet import STAGES, EfficientNetLite0
+
+        stage = cfg.feature_stage
+        if stage not in STAGES:
+            raise CsmcirError(f"unknown vision.feature_stage {stage!r} for efficientnet_lite0 (known: {', '.join(STAGES)})")
+        if cfg.width != STAGES[stage]:
+            raise CsmcirError(f"vision.width {cfg.width} does not match efficientnet_lite0 stage {stage!r}: "
+                              f"set vision.width {STAGES[stage]}")
+        self.stage = stage
+        self.net = EfficientNetLite0(last=stage)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.net.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen:
+            self.net.eval()
+        return self
+
+    def features(self, x):
+        if self.net.training and self.frozen:  # frozen after .train() was called
+            self.net.eval()
+        return self.net.forward_features(x, self.stage)
+
+
+_TOWERS = {"conv": ConvTower, "blip2_vit": Blip2ViTTower, "clip_vit": ClipViTTower, "efficientnet_lite0": EfficientNetLite0Tower}
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

