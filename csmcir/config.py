@@ -127,7 +127,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -213,7 +213,7 @@ class TextConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, model: "ModelConfig | None" = None) -> "TextConfig":
+    def from_dict(cls, d: dict[str, Any] | None, model: ModelConfig | None = None) -> TextConfig:
         """From a checkpoint's ``text`` section; a checkpoint without one (written before the
         section existed) gets the model config's tokenizer and length and the defaults."""
         if not d:
@@ -225,6 +225,5 @@ class TextConfig:
         """``(input_ids, attention_mask)`` int64 tensors, padded to the longest text."""
         from .tokenizer import load_tokenizer
 
-        enc = load_tokenizer(self.tokenizer)(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                                             return_tensors="pt")
+        enc = load_tokenizer(self.tokenizer)(texts, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]

@@ -13,20 +13,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, TextConfig
+from .devices import resolve_device
 from .errors import CsmcirError
 from .models import CIRDualTower
 
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "Encoder", "check_checkpoint_format", "file_digest", "read_checkpoint", "resolve_device"]
+
 CHECKPOINT_KEY = "csmcir"
+# 1: csmcir 0.1 (the module's hyper-parameters model/model_overrides/init/freeze_vision/
+#    grad_checkpointing, the distillation head under distill_head.*); 2: the network spec under
+#    net.*, the head under distill.head.* (tools/convert_checkpoint.py turns 1 into 2)
+CHECKPOINT_FORMAT = 2
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CsmcirError(f"unknown device {device!r}") from None
+def check_checkpoint_format(ckpt: dict, path, resumable: bool = False) -> int:
+    """The checkpoint's format number. A newer one than this csmcir knows is refused; with
+    ``resumable`` (``--ckpt_path``: hyper-parameters and every state are read back) so is an older
+    one, with the command that converts it. Inference reads format 1 as it is (same weights)."""
+    meta = ckpt.get(CHECKPOINT_KEY) or {}
+    fmt = meta.get("format", 1) if isinstance(meta, dict) else 1
+    if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+        raise CsmcirError(f"{path} has checkpoint format {fmt!r}, newer than this csmcir reads ({CHECKPOINT_FORMAT}): upgrade csmcir")
+    if resumable and fmt < CHECKPOINT_FORMAT:
+        raise CsmcirError(
+            f"{path} was written by an older csmcir (checkpoint format {fmt}); convert it first: "
+            f"python tools/convert_checkpoint.py {path} --out CONVERTED.ckpt"
+        )
+    return fmt
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -40,6 +54,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CsmcirError(f"{p} is not a readable checkpoint: {reason[:200]}") from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
         raise CsmcirError(f"{p} is not a csmcir checkpoint (no '{CHECKPOINT_KEY}' section; was it written by `csmcir fit`?)")
+    check_checkpoint_format(ckpt, p)
     return ckpt
 
 
@@ -56,12 +71,12 @@ class Encoder:
     """A trained dual tower plus the text settings it was trained with."""
 
     model: CIRDualTower
-    text: dict
+    text: TextConfig
     device: torch.device
     checkpoint: str = ""
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Encoder":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Encoder:
         ckpt = read_checkpoint(path)
         meta = ckpt[CHECKPOINT_KEY]
         cfg = ModelConfig.from_dict(meta["model_config"])
@@ -71,7 +86,7 @@ class Encoder:
         if missing or unexpected:
             raise CsmcirError(f"{path}: weights do not match its model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         dev = resolve_device(device)
-        text = meta.get("text") or {"tokenizer": cfg.tokenizer, "max_text_len": cfg.qformer.max_text_len, "target_text": "caption", "caption_levels": ["final"], "image_size": None}
+        text = TextConfig.from_dict(meta.get("text"), cfg)
         return cls(model.to(dev).eval(), text, dev, f"{path}@{file_digest(path)}")
 
     @property
@@ -79,11 +94,8 @@ class Encoder:
         return self.model.embed_dim
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from .tokenizer import load_tokenizer
-
-        tok = load_tokenizer(self.text["tokenizer"])
-        enc = tok(texts, padding="longest", truncation=True, max_length=self.text["max_text_len"], return_tensors="pt")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        ids, mask = self.text.tokenize(texts)
+        return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def encode(self, images: list, texts: list[str]) -> np.ndarray:
@@ -92,7 +104,7 @@ class Encoder:
         # otherwise at native size and resized by the vision tower itself
         from PIL import Image
 
-        size = self.text.get("image_size")
+        size = self.text.image_size
         arrays = []
         for img in images:
             if size is not None and img.size != (size, size):
@@ -104,3 +116,38 @@ class Encoder:
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
         ids, mask = self.tokenize(texts)
         return self.model.encode(ids, mask, pixels=pixels).float().cpu().numpy()
+
+
+_NET_KEYS = {
+    "model": "model",
+    "model_overrides": "overrides",
+    "init": "init",
+    "freeze_vision": "freeze_vision",
+    "grad_checkpointing": "grad_checkpointing",
+}
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> dict:
+    """Rewrite a format-1 checkpoint (csmcir 0.1) as format 2, so ``--ckpt_path`` resumes and
+    tests it: the network's hyper-parameters move under ``net`` (``model`` -> ``net.model``,
+    ``model_overrides`` -> ``net.overrides``, ``init``, ``freeze_vision``, ``grad_checkpointing``)
+    and the distillation head's weights from ``distill_head.*`` to ``distill.head.*``. Weights,
+    optimizer and loop states are kept as they are. Returns what changed."""
+    from .io import atomic_path
+
+    ckpt = read_checkpoint(src)
+    fmt = check_checkpoint_format(ckpt, src)
+    if fmt == CHECKPOINT_FORMAT:
+        raise CsmcirError(f"{src} is already in checkpoint format {CHECKPOINT_FORMAT}: nothing to convert")
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    net = {new: hp.pop(old) for old, new in _NET_KEYS.items() if old in hp}
+    hp["net"] = net
+    ckpt["hyper_parameters"] = hp
+    renamed = [k for k in ckpt["state_dict"] if k.startswith("distill_head.")]
+    ckpt["state_dict"] = {
+        ("distill.head." + k[len("distill_head.") :] if k.startswith("distill_head.") else k): v for k, v in ckpt["state_dict"].items()
+    }
+    ckpt[CHECKPOINT_KEY] = {**ckpt[CHECKPOINT_KEY], "format": CHECKPOINT_FORMAT}
+    with atomic_path(dst) as tmp:
+        torch.save(ckpt, tmp)
+    return {"from_format": fmt, "to_format": CHECKPOINT_FORMAT, "net": sorted(net), "renamed_tensors": len(renamed)}

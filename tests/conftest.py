@@ -30,15 +30,24 @@ def bench_copy(easy_bench, tmp_path):
 def fit_args(root, out, *extra: str) -> list[str]:
     return [
         "fit",
-        "--model.model", "tiny",
-        "--data.root", str(root),
-        "--data.synthetic", "false",
-        "--data.batch_size", "16",
-        "--data.eval_batch_size", "128",
-        "--trainer.default_root_dir", str(out),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.log_every_n_steps", "2",
+        "--model.net.model",
+        "tiny",
+        "--data.root",
+        str(root),
+        "--data.synthetic",
+        "false",
+        "--data.batch_size",
+        "16",
+        "--data.eval_batch_size",
+        "128",
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.log_every_n_steps",
+        "2",
         *extra,
     ]
 
@@ -49,8 +58,11 @@ def trained(easy_bench, tmp_path_factory):
     from csmcir.cli import main
 
     out = tmp_path_factory.mktemp("run")
-    rc = main(fit_args(easy_bench, out, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
-                       "--checkpoint_last.every_n_train_steps", "3"))
+    rc = main(
+        fit_args(
+            easy_bench, out, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6", "--checkpoint_last.every_n_train_steps", "3"
+        )
+    )
     assert rc == 0
     assert (out / "last.ckpt").is_file()
     return out

@@ -1,16 +1,16 @@
 import pytest
 
+from csmcir.config import TextConfig
 from csmcir.data.custom import CustomCIR
 from csmcir.data.store import SplitStore
 from csmcir.inference import Encoder
 from csmcir.retrieval.baselines import evaluate_baselines
-from csmcir.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def results(easy_bench, trained):
     enc = Encoder.from_checkpoint(trained / "last.ckpt", "cpu")
-    store = SplitStore.build(CustomCIR(easy_bench), "val", load_tokenizer(), enc.text["max_text_len"])
+    store = SplitStore.build(CustomCIR(easy_bench), "val", TextConfig(max_text_len=enc.text.max_text_len))
     return store, evaluate_baselines(enc.model, store)
 
 

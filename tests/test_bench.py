@@ -50,8 +50,28 @@ def test_bench_retrieval_cli_with_user_embeddings(tmp_path, capsys):
     emb = make_embeddings(1100, 8, 0)[0]
     np.save(tmp_path / "e.npy", emb * 3.0)  # not normalised: the command normalises
     out = tmp_path / "out"
-    rc = main(["bench", "retrieval", "--embeddings", str(tmp_path / "e.npy"), "--sizes", "1000", "--queries", "100",
-               "--kinds", "torch", "flat", "ivf_flat", "--min-seconds", "0.05", "-k", "5", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "retrieval",
+            "--embeddings",
+            str(tmp_path / "e.npy"),
+            "--sizes",
+            "1000",
+            "--queries",
+            "100",
+            "--kinds",
+            "torch",
+            "flat",
+            "ivf_flat",
+            "--min-seconds",
+            "0.05",
+            "-k",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "bench_retrieval.json").read_text())
     assert result["machine"]["data"] == "user embeddings" and [r["kind"] for r in result["rows"]] == ["torch", "flat", "ivf_flat"]
@@ -66,12 +86,26 @@ def test_bench_retrieval_cli_with_user_embeddings(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_efficiency_bench_student_against_mllm(tmp_path):
-    cfg = EfficiencySettings(students=("tiny",), mllms=("tiny",), new_tokens=4, repeats=2, batch=2, mllm_image_size=56,
-                             accuracy={"student:tiny": 10.0}, isolate=False, device="cpu")
+    cfg = EfficiencySettings(
+        students=("tiny",),
+        mllms=("tiny",),
+        new_tokens=4,
+        repeats=2,
+        batch=2,
+        mllm_image_size=56,
+        accuracy={"student:tiny": 10.0},
+        isolate=False,
+        device="cpu",
+    )
     result = run_efficiency_bench(cfg, progress=False)
     rows = {(r["model"], r["side"], r["mode"]): r for r in result["rows"]}
-    assert set(rows) == {("student:tiny", "query", "encode"), ("student:tiny", "gallery", "encode"),
-                         ("mllm:tiny", "query", "fast"), ("mllm:tiny", "query", "full"), ("mllm:tiny", "gallery", "fast")}
+    assert set(rows) == {
+        ("student:tiny", "query", "encode"),
+        ("student:tiny", "gallery", "encode"),
+        ("mllm:tiny", "query", "fast"),
+        ("mllm:tiny", "query", "full"),
+        ("mllm:tiny", "gallery", "fast"),
+    }
     full, fast = rows[("mllm:tiny", "query", "full")], rows[("mllm:tiny", "query", "fast")]
     assert full["gflops"] > fast["gflops"] > 0 and full["new_tokens"] == 4  # reasoning tokens cost compute
     for r in result["rows"]:
@@ -87,8 +121,25 @@ def test_efficiency_bench_student_against_mllm(tmp_path):
 @pytest.mark.slow
 def test_bench_efficiency_cli_isolated_process(tmp_path):
     out = tmp_path / "eff"
-    rc = main(["bench", "efficiency", "--students", "tiny", "--mllms", "--repeats", "2", "--batch", "2", "--device", "cpu",
-               "--accuracy", "student:tiny=12.5", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "efficiency",
+            "--students",
+            "tiny",
+            "--mllms",
+            "--repeats",
+            "2",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+            "--accuracy",
+            "student:tiny=12.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "bench_efficiency.json").read_text())
     assert [(r["model"], r["side"]) for r in result["rows"]] == [("student:tiny", "query"), ("student:tiny", "gallery")]

@@ -229,7 +229,9 @@ def test_circo_submission_file(tmp_path):
     rankings = {q.id: [str(10**6 + i) for i in range(60)] for q in b.queries}
     f = tmp_path / "r.json"
     f.write_text(json.dumps(rankings))
-    assert main(["submit", "--dataset", "circo", "--root", str(CIRCO), "--split", "test", "--rankings", str(f), "--out", str(tmp_path)]) == 0
+    assert (
+        main(["submit", "--dataset", "circo", "--root", str(CIRCO), "--split", "test", "--rankings", str(f), "--out", str(tmp_path)]) == 0
+    )
     sub = json.loads((tmp_path / "submission_csmcir.json").read_text())
     assert sorted(sub, key=int) == [str(i) for i in range(800)]
     assert all(len(v) == 50 and len(set(v)) == 50 and all(isinstance(x, int) for x in v) for v in sub.values())
@@ -256,11 +258,35 @@ def test_fit_on_shoes_logs_official_metrics_and_rank_agrees(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "womens" / name, format="PNG")
     run = tmp_path / "run"
     repo = Path(__file__).resolve().parents[1]
-    args = ["fit", "--config", str(repo / "configs" / "shoes.yaml"), "--model.model", "tiny", "--data.root", str(root),
-            "--data.target_text", "none", "--data.image_size", "16", "--data.batch_size", "16",
-            "--data.eval_batch_size", "512", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(run),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    args = [
+        "fit",
+        "--config",
+        str(repo / "configs" / "shoes.yaml"),
+        "--model.net.model",
+        "tiny",
+        "--data.root",
+        str(root),
+        "--data.target_text",
+        "none",
+        "--data.image_size",
+        "16",
+        "--data.batch_size",
+        "16",
+        "--data.eval_batch_size",
+        "512",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
     assert main(args) == 0
     rows = list(csv.DictReader(open(next(run.glob("lightning_logs/version_*/metrics.csv")))))
     logged = {k: float(v) for r in rows for k, v in r.items() if v}
@@ -268,8 +294,26 @@ def test_fit_on_shoes_logs_official_metrics_and_rank_agrees(tmp_path, capsys):
 
     out = tmp_path / "rank.json"
     capsys.readouterr()
-    assert main(["rank", "--ckpt", str(run / "last.ckpt"), "--dataset", "shoes", "--root", str(root),
-                 "--split", "test", "--out", str(out), "--k", "51"]) == 0
+    assert (
+        main(
+            [
+                "rank",
+                "--ckpt",
+                str(run / "last.ckpt"),
+                "--dataset",
+                "shoes",
+                "--root",
+                str(root),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--k",
+                "51",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rankings = json.loads(out.read_text())
     b = load_benchmark("shoes", root, "test", images=False)
@@ -296,8 +340,28 @@ def test_cirr_submission_from_a_checkpoint(trained, tmp_path, png_bytes):
     caps = tmp_path / "caps.jsonl"
     caps.write_text("".join(json.dumps({"image_id": n, "levels": {}, "final": "a photo"}) + "\n" for n in split))
     out = tmp_path / "sub"
-    assert main(["submit", "--dataset", "cirr", "--root", str(root), "--split", "test1", "--ckpt", str(trained / "last.ckpt"),
-                 "--captions", str(caps), "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "--dataset",
+                "cirr",
+                "--root",
+                str(root),
+                "--split",
+                "test1",
+                "--ckpt",
+                str(trained / "last.ckpt"),
+                "--captions",
+                str(caps),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     b = load_benchmark("cirr", root, "test1", images=False)
     recall = json.loads((out / "recall_submission_csmcir.json").read_text())
     subset = json.loads((out / "recall_subset_submission_csmcir.json").read_text())
@@ -309,7 +373,10 @@ def test_cirr_submission_from_a_checkpoint(trained, tmp_path, png_bytes):
 def test_fashioniq_all_three_ranks_each_query_within_its_category(tmp_path, capsys):
     b = load_benchmark("fashioniq", FIQ, "val", images=False)
     assert len(b.queries) == 2017 + 2038 + 1961 and set(b.sub_galleries) == {"dress", "shirt", "toptee"}
-    other = {c: [g for c2, gal in b.sub_galleries.items() if c2 != c for g in gal if g not in set(b.sub_galleries[c])][:30] for c in b.sub_galleries}
+    other = {
+        c: [g for c2, gal in b.sub_galleries.items() if c2 != c for g in gal if g not in set(b.sub_galleries[c])][:30]
+        for c in b.sub_galleries
+    }
     rankings = {}
     for q in b.queries:
         cat = q.id.split("/")[0]
@@ -338,11 +405,14 @@ def test_data_check_circo(tmp_path, capsys, png_bytes):
     assert code == 0 and (report["queries"], report["gallery"], report["missing"]) == (220, len(ids), 0)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: d[5].__setitem__("captions", "not a list"), "entry 5: 'captions' must be list, got str"),
-    (lambda d: d[2].pop("candidate"), "entry 2 has no 'candidate'"),
-    (lambda d: d.__setitem__(7, ["a list"]), "entry 7 is list, expected an object"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: d[5].__setitem__("captions", "not a list"), "entry 5: 'captions' must be list, got str"),
+        (lambda d: d[2].pop("candidate"), "entry 2 has no 'candidate'"),
+        (lambda d: d.__setitem__(7, ["a list"]), "entry 7 is list, expected an object"),
+    ],
+)
 def test_malformed_fashioniq_entries(tmp_path, capsys, damage, message):
     root = _fiq_tree(tmp_path)
     cap = root / "captions" / "cap.dress.val.json"
@@ -351,7 +421,9 @@ def test_malformed_fashioniq_entries(tmp_path, capsys, damage, message):
     cap.write_text(json.dumps(data))
     f = tmp_path / "r.json"
     f.write_text("{}")
-    code, err = _evaluate(capsys, "--dataset", "fashioniq", "--root", str(root), "--split", "val", "--category", "dress", "--rankings", str(f))
+    code, err = _evaluate(
+        capsys, "--dataset", "fashioniq", "--root", str(root), "--split", "val", "--category", "dress", "--rankings", str(f)
+    )
     assert code == 2 and err.strip() == f"error: {cap}: {message}"
 
 

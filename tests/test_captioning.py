@@ -20,11 +20,15 @@ def test_prompt_asks_for_every_level_then_the_final_caption():
 
 def test_parse_reads_a_compliant_answer_and_tolerates_markdown_and_wrapping():
     t = NATURAL
-    raw = t.render({"scene": "a park", "objects": "two dogs", "attributes": "brown, fluffy", "relations": "on grass"}, "two brown dogs on grass")
+    raw = t.render(
+        {"scene": "a park", "objects": "two dogs", "attributes": "brown, fluffy", "relations": "on grass"}, "two brown dogs on grass"
+    )
     assert t.parse(raw).levels["objects"] == "two dogs" and t.parse(raw).final == "two brown dogs on grass"
     assert t.parse(raw).status == "ok"
-    messy = ("Sure! Here it is.\n**1. Scene:** a busy street\n- **Objects**: a red bus\n  and a taxi\n"
-             "Final caption: \"a red double-decker bus beside a taxi\"\n")
+    messy = (
+        "Sure! Here it is.\n**1. Scene:** a busy street\n- **Objects**: a red bus\n  and a taxi\n"
+        'Final caption: "a red double-decker bus beside a taxi"\n'
+    )
     got = t.parse(messy)
     assert got.levels == {"scene": "a busy street", "objects": "a red bus and a taxi"}
     assert got.final == "a red double-decker bus beside a taxi" and got.status == "partial"

@@ -14,7 +14,6 @@ from PIL import Image
 from csmcir.captioning import read_store
 from csmcir.captioning.backends import TransformersBackend
 from csmcir.captioning.prompts import NATURAL
-
 from csmcir.testing.tiny_mllm import make_tiny_qwen2vl
 
 
@@ -51,8 +50,28 @@ def test_cli_captions_with_the_mllm_survives_a_kill_and_resumes_to_every_id_once
 
     ids = split_image_ids(CustomCIR(easy_bench), "val")[:40]
     out = tmp_path / "caps.jsonl"
-    args = ["caption", "--root", str(easy_bench), "--split", "val", "--backend", "transformers", "--model", tiny_mllm,
-            "--out", str(out), "--limit", "40", "--batch-size", "1", "--max-new-tokens", "24", "--device", "cpu", "--no-progress"]
+    args = [
+        "caption",
+        "--root",
+        str(easy_bench),
+        "--split",
+        "val",
+        "--backend",
+        "transformers",
+        "--model",
+        tiny_mllm,
+        "--out",
+        str(out),
+        "--limit",
+        "40",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "24",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     p = _cli(*args)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and (not out.exists() or out.read_bytes().count(b"\n") < 3):
@@ -102,8 +121,22 @@ def test_caption_a_real_benchmark_layout(tiny_mllm, tmp_path, capsys):
 
     shutil.copytree(FIQ / "captions", fiq / "captions")
     shutil.copytree(FIQ / "image_splits", fiq / "image_splits")
-    code = main(["caption", "--dataset", "fashioniq", "--root", str(fiq), "--category", "dress", "--split", "val",
-                 "--out", str(tmp_path / "fiq.jsonl"), *common])
+    code = main(
+        [
+            "caption",
+            "--dataset",
+            "fashioniq",
+            "--root",
+            str(fiq),
+            "--category",
+            "dress",
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "fiq.jsonl"),
+            *common,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "images to caption are missing" in err and "fiq/images" in err
     assert not read_store(tmp_path / "fiq.jsonl")  # stopped before the model loaded: nothing written
@@ -118,8 +151,30 @@ def test_a_corrupt_image_stops_the_run_naming_it_and_keeps_the_batches_before(ti
     bad = CustomCIR(bench_copy).image_path(ids[5])
     bad.write_bytes(bad.read_bytes()[:40])  # truncated file
     out = tmp_path / "c.jsonl"
-    code = main(["caption", "--root", str(bench_copy), "--split", "val", "--limit", "8", "--batch-size", "2", "--out", str(out),
-                 "--backend", "transformers", "--model", tiny_mllm, "--max-new-tokens", "4", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "caption",
+            "--root",
+            str(bench_copy),
+            "--split",
+            "val",
+            "--limit",
+            "8",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--backend",
+            "transformers",
+            "--model",
+            tiny_mllm,
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and ids[5] in err and str(bad) in err and "cannot decode image" in err
     assert list(read_store(out)) == ids[:4]  # the two batches before the bad one are kept

@@ -12,6 +12,7 @@ from csmcir.cli import main
 from csmcir.data.feature_cache import FeatureCache, tower_key
 from csmcir.errors import CsmcirError
 from csmcir.factory import create_model
+from csmcir.models import NetworkSpec
 
 from .conftest import fit_args
 
@@ -59,8 +60,9 @@ def test_cache_resumes_after_a_kill_and_encodes_each_image_once(tmp_path):
         cache.features("train", ids, shape, dies_after_two_batches, model.encode_image, batch_size=3, progress=False)
     assert seen == [0, 1, 2, 3, 4, 5]
     later: list[int] = []
-    feats = cache.features("train", ids, shape, lambda rows: later.extend(rows) or pixels[rows], model.encode_image,
-                           batch_size=3, progress=False)
+    feats = cache.features(
+        "train", ids, shape, lambda rows: later.extend(rows) or pixels[rows], model.encode_image, batch_size=3, progress=False
+    )
     assert later == [6, 7, 8, 9]  # only the rows the killed run had not written
     with torch.no_grad():
         assert torch.allclose(feats.float(), model.encode_image(pixels), atol=2e-3, rtol=2e-3)
@@ -95,8 +97,18 @@ def _losses(run):
 
 @pytest.mark.slow
 def test_training_from_the_cache_follows_the_on_the_fly_loss_curve(easy_bench, tmp_path):
-    common = ["--model.freeze_vision", "true", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8",
-              "--trainer.log_every_n_steps", "1", "--data.num_workers", "0"]
+    common = [
+        "--model.net.freeze_vision",
+        "true",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "8",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.num_workers",
+        "0",
+    ]
     assert main(fit_args(easy_bench, tmp_path / "pixels", *common)) == 0
     assert main(fit_args(easy_bench, tmp_path / "cached", *common, "--model.feature_cache", str(tmp_path / "cache"))) == 0
     a, b = _losses(tmp_path / "pixels"), _losses(tmp_path / "cached")
@@ -109,8 +121,18 @@ def test_training_from_the_cache_follows_the_on_the_fly_loss_curve(easy_bench, t
 
 
 def test_feature_cache_with_a_trained_vision_tower_is_refused(easy_bench, tmp_path, capsys):
-    rc = main(fit_args(easy_bench, tmp_path / "run", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                       "--model.feature_cache", str(tmp_path / "cache")))
+    rc = main(
+        fit_args(
+            easy_bench,
+            tmp_path / "run",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--model.feature_cache",
+            str(tmp_path / "cache"),
+        )
+    )
     assert rc == 2
     assert "model.feature_cache needs a frozen vision tower" in capsys.readouterr().err
 
@@ -121,7 +143,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        m = CIRModule(model="tiny", grad_checkpointing=ckpt).train()
+        m = CIRModule(net=NetworkSpec(model="tiny", grad_checkpointing=ckpt)).train()
         assert m.model.qformer.is_gradient_checkpointing is ckpt
         torch.manual_seed(1)
         px = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
@@ -139,24 +161,28 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 @pytest.mark.parametrize("dataset", ["cirr", "fashioniq"])
 def test_blip2_overlay_composes_with_the_dataset_configs(dataset, capsys):
+    from pathlib import Path
+
     import yaml
 
-    from pathlib import Path
+    from csmcir.config import get_model_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(configs / f"{dataset}.yaml"), "--config", str(configs / "blip2.yaml"), "--print_config"])
     assert e.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["data"]["dataset"] == dataset and cfg["data"]["image_size"] == 224
-    assert cfg["model"]["model"] == "base" and cfg["model"]["init"]["source"] == "hf_blip2"
+    # the images are held at the tower's side: data.image_size null = the model config's 224 (a CLI link)
+    assert cfg["data"]["dataset"] == dataset and cfg["data"]["image_size"] is None
+    assert get_model_config(cfg["model"]["net"]["model"], cfg["model"]["net"]["overrides"]).vision.image_size == 224
+    assert cfg["model"]["net"]["model"] == "base" and cfg["model"]["net"]["init"]["source"] == "hf_blip2"
     assert cfg["model"]["feature_cache"] == "cache/blip2" and cfg["trainer"]["precision"] == "bf16-mixed"
 
 
 def test_clip_overlay_names_a_clip_tower_and_two_weight_sources(capsys):
-    import yaml
-
     from pathlib import Path
+
+    import yaml
 
     from csmcir.config import get_model_config
 
@@ -164,17 +190,17 @@ def test_clip_overlay_names_a_clip_tower_and_two_weight_sources(capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(configs / "cirr.yaml"), "--config", str(configs / "clip.yaml"), "--print_config"])
     assert e.value.code == 0
-    cfg = yaml.safe_load(capsys.readouterr().out)["model"]
+    cfg = yaml.safe_load(capsys.readouterr().out)["model"]["net"]
     assert [i["source"] for i in cfg["init"]] == ["hf_clip", "bert"]
-    vision = get_model_config(cfg["model"], cfg["model_overrides"]).vision
+    vision = get_model_config(cfg["model"], cfg["overrides"]).vision
     assert (vision.kind, vision.width, vision.layers, vision.patch_size) == ("clip_vit", 1024, 24, 14)  # ViT-L/14
 
 
 def test_minilm_overlay_builds_the_minilm_init_ablation_variant(capsys):
     """configs/minilm.yaml is the documented way to run what docs/benchmarks.md section 11 measured."""
-    import yaml
-
     from pathlib import Path
+
+    import yaml
 
     from csmcir.config import get_model_config
 
@@ -183,9 +209,9 @@ def test_minilm_overlay_builds_the_minilm_init_ablation_variant(capsys):
         main(["fit", "--config", str(configs / "synthetic.yaml"), "--config", str(configs / "minilm.yaml"), "--print_config"])
     assert e.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    model = cfg["model"]
+    model = cfg["model"]["net"]
     assert model["init"] == {"source": "bert", "path": "minilm"} and model["model"] == "small"
-    qf = get_model_config(model["model"], model["model_overrides"]).qformer
+    qf = get_model_config(model["model"], model["overrides"]).qformer
     assert (qf.hidden_size, qf.num_heads, qf.intermediate_size, qf.num_layers) == (384, 12, 1536, 2)
     assert cfg["data"]["synthetic"] is True and cfg["trainer"]["max_epochs"] == 5  # the rest is the default recipe
     assert cfg["trainer"]["default_root_dir"] == "checkpoints/synthetic-minilm"  # never overwrites the default run

@@ -58,7 +58,10 @@ def test_resume_from_last_checkpoint(easy_bench, trained, tmp_path):
 
 def test_rank_output_is_scored_like_validation(easy_bench, trained, tmp_path, capsys):
     out = tmp_path / "val_rankings.json"
-    assert main(["rank", "--ckpt", str(trained / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(out), "--k", "50"]) == 0
+    assert (
+        main(["rank", "--ckpt", str(trained / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(out), "--k", "50"])
+        == 0
+    )
     rankings = json.loads(out.read_text())
     ds = CustomCIR(easy_bench)
     triplets = ds.triplets("val")
@@ -71,9 +74,26 @@ def test_rank_output_is_scored_like_validation(easy_bench, trained, tmp_path, ca
     ours = recall_at_k([rankings[t.id] for t in triplets], [set(t.targets) for t in triplets])
     # the same checkpoint through Lightning validation reports the same numbers
     vrun = tmp_path / "validate"
-    assert main(["validate", "--model.model", "tiny", "--data.root", str(easy_bench), "--data.synthetic", "false",
-                 "--trainer.default_root_dir", str(vrun), "--trainer.enable_progress_bar", "false",
-                 "--ckpt_path", str(trained / "last.ckpt")]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--model.net.model",
+                "tiny",
+                "--data.root",
+                str(easy_bench),
+                "--data.synthetic",
+                "false",
+                "--trainer.default_root_dir",
+                str(vrun),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--ckpt_path",
+                str(trained / "last.ckpt"),
+            ]
+        )
+        == 0
+    )
     row = [r for r in _metrics(vrun) if r.get("val/R@1")][-1]
     for k in ("R@1", "R@5", "R@10", "R@50"):
         assert ours[k] == pytest.approx(float(row[f"val/{k}"]), abs=0.34), k  # at most one query of 300 may flip on float ties
@@ -94,8 +114,25 @@ def test_index_and_search_agree_with_rank(easy_bench, trained, tmp_path, capsys)
     rankings = json.loads(rank_file.read_text())
     capsys.readouterr()
     t = ds.triplets("val")[0]
-    assert main(["search", "--index", str(index_dir), "--ckpt", ckpt, "--image", str(ds.image_path(t.reference)),
-                 "--text", t.text, "-k", "11", "--json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(index_dir),
+                "--ckpt",
+                ckpt,
+                "--image",
+                str(ds.image_path(t.reference)),
+                "--text",
+                t.text,
+                "-k",
+                "11",
+                "--json",
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     ids = [h["id"] for h in hits if h["id"] != t.reference][:10]  # search does not know the reference
     assert ids == rankings[t.id]
@@ -122,8 +159,63 @@ def test_help_lists_every_command(capsys):
 
 def test_test_command_scores_test_and_heldout_splits(easy_bench, trained, tmp_path):
     run = tmp_path / "test"
-    assert main(["test", "--model.model", "tiny", "--data.root", str(easy_bench), "--data.synthetic", "false",
-                 "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
-                 "--ckpt_path", str(trained / "last.ckpt")]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--model.net.model",
+                "tiny",
+                "--data.root",
+                str(easy_bench),
+                "--data.synthetic",
+                "false",
+                "--trainer.default_root_dir",
+                str(run),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--ckpt_path",
+                str(trained / "last.ckpt"),
+            ]
+        )
+        == 0
+    )
     logged = {k for row in _metrics(run) for k, v in row.items() if v}
     assert {"test/R@1", "test/R@50", "test/heldout/R@1", "test/heldout/R@50", "test/R@1/colour"} <= logged
+
+
+def test_optimizer_and_scheduler_are_configured_through_the_cli(easy_bench, tmp_path):
+    """LightningCLI's own mechanism: --model.optimizer / --model.scheduler replace the default
+    AdamW + warm-up/cosine; they get the module's two weight-decay parameter groups."""
+    import torch
+
+    out = tmp_path / "sgd"
+    assert (
+        main(
+            fit_args(
+                easy_bench,
+                out,
+                "--trainer.max_steps",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
+                "--model.optimizer",
+                "SGD",
+                "--model.optimizer.lr",
+                "0.05",
+                "--model.optimizer.momentum",
+                "0.5",
+                "--model.scheduler",
+                "StepLR",
+                "--model.scheduler.step_size",
+                "1",
+                "--model.scheduler.gamma",
+                "0.5",
+            )
+        )
+        == 0
+    )
+    ckpt = torch.load(out / "last.ckpt", weights_only=True)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert len(groups) == 2 and all(g["momentum"] == 0.5 for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # the module's groups, decay on weights only
+    assert groups[0]["lr"] == 0.05 * 0.5**2  # StepLR stepped every step

@@ -22,7 +22,7 @@ def _rank(root, ckpt, out):
 
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()  # progress bars use \r
-    err = [l for l in err if l.startswith("error:")]
+    err = [line for line in err if line.startswith("error:")]
     assert len(err) == 1, err
     return err[0]
 
@@ -107,7 +107,10 @@ def test_pickled_code_in_checkpoint_is_refused(easy_bench, tmp_path, capsys):
 def test_unwritable_output(easy_bench, trained, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["index", "--ckpt", str(trained / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(blocker / "idx")]) == 2
+    assert (
+        main(["index", "--ckpt", str(trained / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(blocker / "idx")])
+        == 2
+    )
     assert str(blocker) in _one_line_error(capsys)
 
 
@@ -123,9 +126,25 @@ def test_search_with_bad_image(easy_bench, trained, tmp_path, capsys):
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     """The installed entry point itself: exit status 2 and a single stderr line."""
-    r = subprocess.run([sys.executable, "-m", "csmcir.cli", "rank", "--ckpt", str(tmp_path / "nope.ckpt"),
-                        "--root", str(tmp_path), "--split", "val", "--out", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csmcir.cli",
+            "rank",
+            "--ckpt",
+            str(tmp_path / "nope.ckpt"),
+            "--root",
+            str(tmp_path),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope.ckpt'} not found"]

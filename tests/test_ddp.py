@@ -42,8 +42,21 @@ def test_ddp_fit_on_two_cpu_processes(easy_bench, tmp_path):
 def test_ddp_validation_equals_single_process(easy_bench, trained, tmp_path):
     """300 val queries split over 2 ranks (DistributedSampler pads with repeats): after the
     gather and de-duplication every query and gallery image counts exactly once."""
-    base = ["validate", "--model.model", "tiny", "--data.root", str(easy_bench), "--data.synthetic", "false",
-            "--data.eval_batch_size", "64", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(trained / "last.ckpt")]
+    base = [
+        "validate",
+        "--model.net.model",
+        "tiny",
+        "--data.root",
+        str(easy_bench),
+        "--data.synthetic",
+        "false",
+        "--data.eval_batch_size",
+        "64",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--ckpt_path",
+        str(trained / "last.ckpt"),
+    ]
     _cli([*base, "--trainer.default_root_dir", str(tmp_path / "one")], tmp_path)
     _cli([*base, *DDP, "--trainer.default_root_dir", str(tmp_path / "two")], tmp_path)
     one, two = _val_metrics(tmp_path / "one"), _val_metrics(tmp_path / "two")
@@ -52,12 +65,27 @@ def test_ddp_validation_equals_single_process(easy_bench, trained, tmp_path):
         assert two[k] == pytest.approx(one[k], abs=0.34), k
 
 
-@pytest.mark.parametrize("bank", ['{"capacity": 256, "max_age": 10}', '{"capacity": 256, "max_age": 10, "momentum": 0.9}'],
-                         ids=["plain", "momentum"])
+@pytest.mark.parametrize(
+    "bank", ['{"capacity": 256, "max_age": 10}', '{"capacity": 256, "max_age": 10, "momentum": 0.9}'], ids=["plain", "momentum"]
+)
 def test_ddp_ranks_end_with_identical_memory_banks(easy_bench, tmp_path, bank):
     out = tmp_path / "ddp_bank"
-    _cli(fit_args(easy_bench, out, *DDP, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
-                  "--trainer.limit_val_batches", "1", "--model.memory_bank", bank), tmp_path)
+    _cli(
+        fit_args(
+            easy_bench,
+            out,
+            *DDP,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "4",
+            "--trainer.limit_val_batches",
+            "1",
+            "--model.memory_bank",
+            bank,
+        ),
+        tmp_path,
+    )
     rows = []
     for f in sorted(out.glob("lightning_logs/version_*/metrics.csv")):
         rows += [r for r in csv.DictReader(open(f)) if r.get("train/bank_rank_mismatch")]
@@ -76,11 +104,14 @@ def test_sharded_embedding_on_two_processes_merges_to_the_single_process_index(e
     data = ["--ckpt", ckpt, "--root", str(easy_bench), "--split", "val", "--device", "cpu", "--batch-size", "32"]
     _cli(["index", *data, "--out", str(tmp_path / "one")], tmp_path)
     shards = tmp_path / "shards"
-    _cli(["embed", *data, "--out", str(shards), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "0"], tmp_path)
+    _cli(
+        ["embed", *data, "--out", str(shards), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "0"],
+        tmp_path,
+    )
     parts = sorted(shards.glob("part-*.safetensors"))
-    from safetensors import safe_open
-
     import json as _json
+
+    from safetensors import safe_open
 
     part_ids = []
     for p in parts:

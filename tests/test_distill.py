@@ -39,10 +39,45 @@ def test_relational_loss_is_the_kl_of_the_teachers_distribution_and_zero_when_th
 def oracle_stores(easy_bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("oracle")
     for split in ("train", "val"):
-        assert main(["teacher", "--backend", "oracle", "--root", str(easy_bench), "--split", split, "--out", str(out / "q"),
-                     "--batch-size", "256", "--no-progress"]) == 0
-        assert main(["teacher", "--backend", "oracle", "--gallery", "--root", str(easy_bench), "--split", split,
-                     "--out", str(out / "g"), "--batch-size", "256", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "teacher",
+                    "--backend",
+                    "oracle",
+                    "--root",
+                    str(easy_bench),
+                    "--split",
+                    split,
+                    "--out",
+                    str(out / "q"),
+                    "--batch-size",
+                    "256",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "teacher",
+                    "--backend",
+                    "oracle",
+                    "--gallery",
+                    "--root",
+                    str(easy_bench),
+                    "--split",
+                    split,
+                    "--out",
+                    str(out / "g"),
+                    "--batch-size",
+                    "256",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -72,9 +107,25 @@ def test_fit_with_distillation_logs_losses_and_agreement_and_inference_ignores_t
     from csmcir.inference import Encoder
 
     out = tmp_path / "run"
-    assert main(fit_args(easy_bench, out, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
-                         "--data.teacher", str(oracle_stores / "q"), "--data.teacher_gallery", str(oracle_stores / "g"),
-                         "--model.distill", '{"teacher_dim": 384, "feature": "cosine", "relational_weight": 1.0}')) == 0
+    assert (
+        main(
+            fit_args(
+                easy_bench,
+                out,
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.limit_train_batches",
+                "4",
+                "--data.teacher",
+                str(oracle_stores / "q"),
+                "--data.teacher_gallery",
+                str(oracle_stores / "g"),
+                "--model.distill",
+                '{"teacher_dim": 384, "feature": "cosine", "relational_weight": 1.0}',
+            )
+        )
+        == 0
+    )
     rows = []
     for f in sorted(out.glob("lightning_logs/version_*/metrics.csv")):
         rows += list(csv.DictReader(open(f)))
@@ -95,11 +146,35 @@ def test_missing_teacher_embedding_and_wrong_dim_are_clear_errors(oracle_stores,
     shutil.copytree(oracle_stores / "q", partial)
     for f in sorted(partial.glob("part-*.safetensors"))[:1]:
         f.unlink()
-    code = main(fit_args(easy_bench, tmp_path / "r1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                         "--data.teacher", str(partial), "--model.distill", '{"teacher_dim": 384}'))
+    code = main(
+        fit_args(
+            easy_bench,
+            tmp_path / "r1",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--data.teacher",
+            str(partial),
+            "--model.distill",
+            '{"teacher_dim": 384}',
+        )
+    )
     assert code != 0 and "has no embedding for" in capsys.readouterr().err
-    code = main(fit_args(easy_bench, tmp_path / "r2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                         "--data.teacher", str(oracle_stores / "q"), "--model.distill", '{"teacher_dim": 128}'))
+    code = main(
+        fit_args(
+            easy_bench,
+            tmp_path / "r2",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--data.teacher",
+            str(oracle_stores / "q"),
+            "--model.distill",
+            '{"teacher_dim": 128}',
+        )
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "holds 384-d embeddings but model.distill.teacher_dim is 128" in err
     code = main(fit_args(easy_bench, tmp_path / "r3", "--trainer.max_epochs", "1", "--model.distill", '{"teacher_dim": 384}'))

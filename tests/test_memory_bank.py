@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from csmcir.losses import MemoryBank, info_nce
+from csmcir.models import NetworkSpec
+
+TINY = NetworkSpec(model="tiny")
 
 
 def _bank(**kw):
@@ -89,13 +92,13 @@ def test_bank_negatives_enter_only_the_query_to_target_denominator():
 def test_bank_round_trips_through_a_state_dict():
     from csmcir.lightning.module import CIRModule
 
-    m = CIRModule(model="tiny", memory_bank={"capacity": 16, "max_age": 50})
+    m = CIRModule(net=TINY, memory_bank={"capacity": 16, "max_age": 50})
     m.bank.enqueue(F.normalize(torch.randn(5, m.model_config.embed_dim), dim=1), torch.arange(5), step=3)
-    m2 = CIRModule(model="tiny", memory_bank={"capacity": 16, "max_age": 50})
+    m2 = CIRModule(net=TINY, memory_bank={"capacity": 16, "max_age": 50})
     m2.load_state_dict(m.state_dict())
     for name in ("emb", "ids", "steps", "ptr"):
         assert torch.equal(getattr(m.bank, name), getattr(m2.bank, name))
-    assert CIRModule(model="tiny").bank is None  # off by default
+    assert CIRModule(net=TINY).bank is None  # off by default
 
 
 def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
@@ -105,9 +108,20 @@ def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
 
     from .conftest import fit_args
 
-    args = fit_args(easy_bench, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
-                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
-                    "--model.memory_bank", '{"capacity": 64, "max_age": 4, "half_life": 2.0, "drift_every": 2}')
+    args = fit_args(
+        easy_bench,
+        tmp_path,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "6",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.memory_bank",
+        '{"capacity": 64, "max_age": 4, "half_life": 2.0, "drift_every": 2}',
+    )
     assert main(args) == 0
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
     kept = [float(r["train/bank_kept"]) for r in rows if r.get("train/bank_kept")]
@@ -145,7 +159,7 @@ def test_bank_nce_puts_the_momentum_key_first_against_the_bank():
 def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(tmp_path):
     from csmcir.lightning.module import CIRModule
 
-    m = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9})
+    m = CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9})
     assert m.ema_model is not None and not any(p.requires_grad for p in m.ema_model.parameters())
     assert all(not n.startswith("ema_model") for n, p in m.named_parameters() if p.requires_grad)
     p0 = next(m.model.parameters())
@@ -157,7 +171,7 @@ def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(
     torch.testing.assert_close(e0, before + 0.1)  # ema <- 0.9 ema + 0.1 model
     sd = m.state_dict()
     assert any(k.startswith("ema_model.") for k in sd)
-    m2 = CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9})
+    m2 = CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9})
     m2.load_state_dict(sd)
     torch.testing.assert_close(next(m2.ema_model.parameters()), e0)
 
@@ -172,7 +186,9 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
 
     from .conftest import fit_args
 
-    m = CIRModule(model="tiny", freeze_vision=True, memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
+    m = CIRModule(
+        net=NetworkSpec(model="tiny", freeze_vision=True), memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"}
+    )
     assert not list(m.ema_model.vision.parameters())  # the copy holds no vision tower to keep up to date
     ema_vision = [p.detach().clone() for p in m.ema_model.vision.parameters()]
     q_before = m.ema_model.proj.weight.detach().clone()
@@ -190,13 +206,26 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
 
         def fail(*a, **k):
             raise AssertionError("the EMA vision tower ran")
+
         self.ema_model.vision.forward = fail
 
     monkeypatch.setattr(CIRModule, "on_fit_start", no_ema_vision)
-    args = fit_args(easy_bench, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
-                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
-                    "--model.freeze_vision", "true",
-                    "--model.memory_bank", '{"capacity": 64, "momentum": 0.9, "momentum_keys": "qformer", "drift_every": 2}')
+    args = fit_args(
+        easy_bench,
+        tmp_path,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.net.freeze_vision",
+        "true",
+        "--model.memory_bank",
+        '{"capacity": 64, "momentum": 0.9, "momentum_keys": "qformer", "drift_every": 2}',
+    )
     assert main(args) == 0
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
     bank = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]
@@ -215,8 +244,8 @@ def test_qformer_momentum_keys_need_a_frozen_tower(easy_bench, tmp_path, capsys)
     from .conftest import fit_args
 
     with pytest.raises(ValueError, match="frozen vision tower.*momentum_keys: tower"):
-        CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
-    CIRModule(model="tiny", memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "tower"})
+        CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
+    CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "tower"})
     capsys.readouterr()
     args = fit_args(easy_bench, tmp_path, "--model.memory_bank", '{"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"}')
     assert main(args) == 2
@@ -238,9 +267,22 @@ def test_qformer_keys_equal_tower_keys_on_a_frozen_tower(easy_bench, tmp_path):
     curves = {}
     for keys in ("tower", "qformer"):
         out = tmp_path / keys
-        args = fit_args(easy_bench, out, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1",
-                        "--trainer.limit_val_batches", "0", "--seed_everything", "3", "--model.freeze_vision", "true",
-                        "--model.memory_bank", '{"capacity": 64, "momentum": 0.9, "momentum_keys": "%s", "drift_every": 0}' % keys)
+        args = fit_args(
+            easy_bench,
+            out,
+            "--trainer.max_steps",
+            "6",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--seed_everything",
+            "3",
+            "--model.net.freeze_vision",
+            "true",
+            "--model.memory_bank",
+            '{"capacity": 64, "momentum": 0.9, "momentum_keys": "%s", "drift_every": 0}' % keys,
+        )
         assert main(args) == 0
         rows = list(csv.DictReader(open(next(out.glob("lightning_logs/version_*/metrics.csv")))))
         curves[keys] = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]

@@ -82,9 +82,7 @@ def test_recall_matches_brute_force_reference():
         for i in range(n_q):
             best = n_g
             for t in target_idx[i]:
-                beats = (scores[i] > scores[i, t]) | (
-                    (scores[i] == scores[i, t]) & (np.arange(n_g) < t)
-                )
+                beats = (scores[i] > scores[i, t]) | ((scores[i] == scores[i, t]) & (np.arange(n_g) < t))
                 if exclude[i] is not None:
                     beats[exclude[i]] = False
                 best = min(best, int(beats.sum()))

@@ -29,9 +29,19 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-default-apps", "--disable-sync", "--no-first-run",
-                 "--disable-features=Translate,MediaRouter,OptimizationHints", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-features=Translate,MediaRouter,OptimizationHints",
+        "--window-size=1400,1000",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -53,19 +63,43 @@ def _console_errors(driver):
     return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
 
 
-def test_report_opens_from_disk_with_every_image_and_the_ground_truth_where_the_ranking_puts_it(trained, easy_bench, tmp_path, browser, capsys):
-    from selenium.webdriver.common.by import By
-
+def test_report_opens_from_disk_with_every_image_and_the_ground_truth_where_the_ranking_puts_it(
+    trained, easy_bench, tmp_path, browser, capsys
+):
     import numpy as np
+    from selenium.webdriver.common.by import By
 
     from csmcir.data.custom import CustomCIR
     from csmcir.teacher import TeacherStore
 
     out = tmp_path / "report"
     first = [t.id for t in CustomCIR(easy_bench).triplets("val")[:2]]
-    TeacherStore(tmp_path / "teacher", model="m", mode="full").append(first, np.zeros((2, 4), np.float32), ["<b>because</b> red", "so blue"])
-    assert main(["report", "--ckpt", str(trained / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(out),
-                 "-k", "5", "--limit", "45", "--teacher", str(tmp_path / "teacher"), "--no-progress"]) == 0
+    TeacherStore(tmp_path / "teacher", model="m", mode="full").append(
+        first, np.zeros((2, 4), np.float32), ["<b>because</b> red", "so blue"]
+    )
+    assert (
+        main(
+            [
+                "report",
+                "--ckpt",
+                str(trained / "last.ckpt"),
+                "--root",
+                str(easy_bench),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "-k",
+                "5",
+                "--limit",
+                "45",
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rankings = json.loads((out / "rankings.json").read_text())
     from csmcir.data.custom import CustomCIR
 
@@ -153,15 +187,27 @@ def test_serve_upload_through_the_page_shows_the_hits(server, easy_bench, browse
 def test_serve_refuses_traversal_oversized_and_malformed_requests(server, easy_bench):
     url, app = server
     assert _status(url + "/image/0")[0] == 200
-    for path in ("/image/../../../../etc/passwd", "/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/image/..%2Fcaptions.jsonl",
-                 f"/image/{len(app.ids)}", "/image/-1", f"/image/{app.ids[0]}", "/../index_info.json"):
+    for path in (
+        "/image/../../../../etc/passwd",
+        "/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/image/..%2Fcaptions.jsonl",
+        f"/image/{len(app.ids)}",
+        "/image/-1",
+        f"/image/{app.ids[0]}",
+        "/../index_info.json",
+    ):
         assert _status(url + path)[0] == 404, path
     boundary = uuid.uuid4().hex
 
     def body(image: bytes, text: str = "make it red") -> bytes:
-        return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\n{text}\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n").encode() \
-            + image + f"\r\n--{boundary}--\r\n".encode()
+        return (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n{text}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+            ).encode()
+            + image
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
 
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     png = (easy_bench / "images" / f"{app.ids[0]}.png").read_bytes()

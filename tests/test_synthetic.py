@@ -44,9 +44,7 @@ from csmcir.errors import CsmcirError
 
 EASY = DIFFICULTIES["easy"]
 # Standard generation (compositions, relational references, 4 distractors) at a test-sized count.
-SMALL_STANDARD = replace(
-    DIFFICULTIES["standard"], name="standard-small", n_train=100, n_val=120, n_test=60, n_heldout=60
-)
+SMALL_STANDARD = replace(DIFFICULTIES["standard"], name="standard-small", n_train=100, n_val=120, n_test=60, n_heldout=60)
 # "easy" at about a tenth of the size, for the tests that generate several benchmarks.
 REDUCED = replace(EASY, name="easy-reduced", n_train=250, n_val=50, n_test=50, n_heldout=30)
 TINY = replace(EASY, name="easy-tiny", n_train=60, n_val=30, n_test=30, n_heldout=20)
@@ -61,11 +59,7 @@ WORD_ATTRIBUTE = {
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +79,7 @@ def _scenes(root: Path) -> dict[str, dict[tuple[int, int], dict]]:
     out = {}
     for line in (root / "scenes.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[record["image_id"]] = {
-            tuple(o["cell"]): {k: o[k] for k in ("shape", "colour", "size", "pattern")}
-            for o in record["objects"]
-        }
+        out[record["image_id"]] = {tuple(o["cell"]): {k: o[k] for k in ("shape", "colour", "size", "pattern")} for o in record["objects"]}
     return out
 
 
@@ -132,9 +123,7 @@ def _satisfies(reference: dict, target: dict, mods: list[dict]) -> bool:
         return False
     for cell, attributes in expected.items():
         free = loose.get(cell)
-        if {k: v for k, v in attributes.items() if k != free} != {
-            k: v for k, v in target[cell].items() if k != free
-        }:
+        if {k: v for k, v in attributes.items() if k != free} != {k: v for k, v in target[cell].items() if k != free}:
             return False
     return True
 
@@ -273,13 +262,7 @@ def test_hard_distractors(bench, split, request):
         ref = keys[t.reference]
         target_keys = {keys[x] for x in t.targets}
         k = len(t.meta["mods"])
-        near = [
-            g
-            for g in gallery
-            if 0 < _edit_distance(ref, keys[g]) <= 2 * (k + 1)
-            and g != t.reference
-            and g not in t.targets
-        ]
+        near = [g for g in gallery if 0 < _edit_distance(ref, keys[g]) <= 2 * (k + 1) and g != t.reference and g not in t.targets]
         assert len(near) >= params.n_distractors, t
         # A non-target never shows a target's scene, and never satisfies the text.
         for g in near:
@@ -301,13 +284,11 @@ def test_heldout_pairs(small, easy):
                 else:
                     assert not pairs & HELDOUT_PAIRS and not t.meta["heldout"], t
         # Held-out values still appear in scenes of every split (only the edit is held out).
-        objects = [o for line in (root / "scenes.jsonl").read_text().splitlines()
-                   for o in json.loads(line)["objects"]]
+        objects = [o for line in (root / "scenes.jsonl").read_text().splitlines() for o in json.loads(line)["objects"]]
         assert any(o["colour"] == "purple" for o in objects)
         assert any(o["shape"] == "diamond" and o["pattern"] == "checkered" for o in objects)
     heldout_types = Counter(
-        m["type"] for t in CustomCIR(small).triplets("heldout") for m in t.meta["mods"]
-        if (m["type"], m["value"]) in HELDOUT_PAIRS
+        m["type"] for t in CustomCIR(small).triplets("heldout") for m in t.meta["mods"] if (m["type"], m["value"]) in HELDOUT_PAIRS
     )
     assert set(heldout_types) == {t for t, _ in HELDOUT_PAIRS}
 
@@ -335,22 +316,16 @@ def _one_object_captions(n: int, **rates) -> list[tuple[Obj, str]]:
 
 
 def test_captioner_is_exact_or_empty_at_extreme_rates():
-    exact = _one_object_captions(
-        50, caption_omit_rate=0, caption_error_rate=0, caption_drop_object_rate=0
-    )
+    exact = _one_object_captions(50, caption_omit_rate=0, caption_error_rate=0, caption_drop_object_rate=0)
     for obj, final in exact:
         where = "in the center" if obj.position == "center" else f"at the {obj.position}"
         article = "an" if obj.size[0] in "aeiou" else "a"
         assert final == f"{article} {obj.size} {obj.colour} {obj.pattern} {obj.shape} {where}"
-    blind = _one_object_captions(
-        20, caption_omit_rate=1, caption_error_rate=0, caption_drop_object_rate=0
-    )
+    blind = _one_object_captions(20, caption_omit_rate=1, caption_error_rate=0, caption_drop_object_rate=0)
     assert {final for _, final in blind} == {"a shape"}
     dropped = _one_object_captions(20, caption_drop_object_rate=1)
     assert {final for _, final in dropped} == {"an empty light canvas"}
-    wrong = _one_object_captions(
-        50, caption_omit_rate=0, caption_error_rate=1, caption_drop_object_rate=0
-    )
+    wrong = _one_object_captions(50, caption_omit_rate=0, caption_error_rate=1, caption_drop_object_rate=0)
     for obj, final in wrong:
         words = final.split()
         assert obj.colour not in words and obj.shape not in words and obj.pattern not in words

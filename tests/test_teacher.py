@@ -99,8 +99,22 @@ def test_import_npy_and_safetensors_with_clear_errors(tmp_path):
 
 def test_cli_teacher_resumes_and_embeds_the_gallery(tiny_mllm, easy_bench, tmp_path, capsys):
     out = tmp_path / "teacher"
-    common = ["teacher", "--root", str(easy_bench), "--split", "val", "--model", tiny_mllm, "--device", "cpu", "--no-progress",
-              "--batch-size", "3", "--max-new-tokens", "4"]
+    common = [
+        "teacher",
+        "--root",
+        str(easy_bench),
+        "--split",
+        "val",
+        "--model",
+        tiny_mllm,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main([*common, "--mode", "full", "--limit", "4", "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["embedded"] == 4
     assert main([*common, "--mode", "full", "--limit", "7", "--out", str(out)]) == 0

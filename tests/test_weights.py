@@ -5,7 +5,7 @@ import torch
 
 from csmcir.config import get_model_config
 from csmcir.errors import CsmcirError
-from csmcir.models import CIRDualTower
+from csmcir.models import CIRDualTower, NetworkSpec
 from csmcir.models.weights import load_pretrained
 
 
@@ -20,17 +20,24 @@ def _lavis_names(sd):
         if k.startswith("qformer.layernorm."):
             out["Qformer.bert.embeddings.LayerNorm." + k.rsplit(".", 1)[1]] = v
         elif k.startswith("qformer.encoder."):
-            out["Qformer.bert." + k[len("qformer."):].replace("attention.attention.", "attention.self.")] = v
+            out["Qformer.bert." + k[len("qformer.") :].replace("attention.attention.", "attention.self.")] = v
         elif k.startswith("text_embeddings."):
-            out["Qformer.bert.embeddings." + k[len("text_embeddings."):]] = v
+            out["Qformer.bert.embeddings." + k[len("text_embeddings.") :]] = v
         elif k == "query_tokens":
             out[k] = v
         elif k.startswith("proj."):
-            out["vision_proj." + k[len("proj."):]] = v
+            out["vision_proj." + k[len("proj.") :]] = v
     # what a real blip2_pretrained.pth holds beside them
-    out.update({"ln_vision.weight": torch.ones(8), "visual_encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 3), "temp": torch.tensor(0.07),
-                "itm_head.weight": torch.zeros(2, 32), "text_proj.weight": torch.zeros(32, 32),
-                "Qformer.cls.predictions.bias": torch.zeros(30522)})
+    out.update(
+        {
+            "ln_vision.weight": torch.ones(8),
+            "visual_encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 3),
+            "temp": torch.tensor(0.07),
+            "itm_head.weight": torch.zeros(2, 32),
+            "text_proj.weight": torch.zeros(32, 32),
+            "Qformer.cls.predictions.bias": torch.zeros(30522),
+        }
+    )
     return out
 
 
@@ -40,7 +47,9 @@ def test_lavis_checkpoint_gives_the_same_encoder(tmp_path):
     torch.save({"model": _lavis_names(src.state_dict())}, tmp_path / "blip2_pretrained.pth")
     report = load_pretrained(dst, "lavis", str(tmp_path / "blip2_pretrained.pth"))
     # the EVA ViT keys map onto a blip2_vit tower; this tiny conv tower has no such keys, so they are unused
-    assert report["missing"] == [] and "vision.model.encoder.layers.0.self_attn.qkv.weight" in report["unused"] and "temp" in report["unused"]
+    assert (
+        report["missing"] == [] and "vision.model.encoder.layers.0.self_attn.qkv.weight" in report["unused"] and "temp" in report["unused"]
+    )
     ids, mask = torch.tensor([[101, 2417, 102]]), torch.ones(1, 3, dtype=torch.long)
     feats = torch.randn(1, 16, src.cfg.vision.width)
     dst.vision.load_state_dict(src.vision.state_dict())
@@ -55,9 +64,12 @@ def test_partial_and_mismatched_checkpoints_are_refused_by_name(tmp_path):
     with pytest.raises(CsmcirError, match="1 Q-Former weights missing .* 'qformer.encoder.layer.1.crossattention.attention.key.bias'"):
         load_pretrained(_tower(), "lavis", str(tmp_path / "partial.pth"))
     assert load_pretrained(_tower(), "lavis", str(tmp_path / "partial.pth"), allow_partial=True)["missing"] == [
-        "qformer.encoder.layer.1.crossattention.attention.key.bias"]
+        "qformer.encoder.layer.1.crossattention.attention.key.bias"
+    ]
     with pytest.raises(CsmcirError, match="has shape .* but the model's is"):
-        load_pretrained(_tower(hidden_size=64, num_heads=4, intermediate_size=128), "lavis", str(tmp_path / "partial.pth"), allow_partial=True)
+        load_pretrained(
+            _tower(hidden_size=64, num_heads=4, intermediate_size=128), "lavis", str(tmp_path / "partial.pth"), allow_partial=True
+        )
 
 
 def test_transformers_blip2_retrieval_layout(tmp_path):
@@ -65,9 +77,17 @@ def test_transformers_blip2_retrieval_layout(tmp_path):
 
     torch.manual_seed(1)
     src = _tower()
-    sd = {("embeddings." + k[len("text_embeddings."):] if k.startswith("text_embeddings.") else
-           "vision_projection." + k[len("proj."):] if k.startswith("proj.") else k): v.contiguous()
-          for k, v in src.state_dict().items() if not k.startswith("vision.")}
+    sd = {
+        (
+            "embeddings." + k[len("text_embeddings.") :]
+            if k.startswith("text_embeddings.")
+            else "vision_projection." + k[len("proj.") :]
+            if k.startswith("proj.")
+            else k
+        ): v.contiguous()
+        for k, v in src.state_dict().items()
+        if not k.startswith("vision.")
+    }
     sd["vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
     sd["text_projection.weight"] = torch.zeros(32, 32)
     (tmp_path / "blip2").mkdir()
@@ -86,19 +106,24 @@ def test_packaged_minilm_initialises_self_attention_and_both_feed_forwards():
     from csmcir.tokenizer import minilm_path
 
     bert = AutoModel.from_pretrained(minilm_path(), local_files_only=True).state_dict()
-    tower = CIRDualTower(get_model_config("tiny", {"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536,
-                                                                "num_layers": 6}}))
+    tower = CIRDualTower(
+        get_model_config("tiny", {"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 6}})
+    )
     cross_before = tower.state_dict()["qformer.encoder.layer.3.crossattention.attention.query.weight"].clone()
     report = load_pretrained(tower, "bert", "minilm")
     sd = tower.state_dict()
-    torch.testing.assert_close(sd["qformer.encoder.layer.3.attention.attention.query.weight"], bert["encoder.layer.3.attention.self.query.weight"])
+    torch.testing.assert_close(
+        sd["qformer.encoder.layer.3.attention.attention.query.weight"], bert["encoder.layer.3.attention.self.query.weight"]
+    )
     torch.testing.assert_close(sd["qformer.encoder.layer.5.output_query.dense.weight"], bert["encoder.layer.5.output.dense.weight"])
     torch.testing.assert_close(sd["qformer.layernorm.weight"], bert["embeddings.LayerNorm.weight"])
     torch.testing.assert_close(sd["text_embeddings.word_embeddings.weight"], bert["embeddings.word_embeddings.weight"])
     assert torch.equal(sd["qformer.encoder.layer.3.crossattention.attention.query.weight"], cross_before)  # BLIP-2: random
     assert report["missing"] == [] and "pooler.dense.weight" in report["unused"]
     # a Q-Former deeper than the BERT model: its extra layers are missing, refused unless allowed
-    deep = CIRDualTower(get_model_config("tiny", {"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 8}}))
+    deep = CIRDualTower(
+        get_model_config("tiny", {"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 8}})
+    )
     with pytest.raises(CsmcirError, match="missing from the bert checkpoint, first 'qformer.encoder.layer.6"):
         load_pretrained(deep, "bert", "minilm")
 
@@ -106,11 +131,16 @@ def test_packaged_minilm_initialises_self_attention_and_both_feed_forwards():
 def test_fit_config_takes_the_init_option(easy_bench, tmp_path):
     from csmcir.lightning.module import CIRModule
 
-    m = CIRModule(model="tiny", model_overrides={"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 2}},
-                  init={"source": "bert", "path": "minilm", "allow_partial": False})
+    m = CIRModule(
+        net=NetworkSpec(
+            model="tiny",
+            overrides={"qformer": {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 2}},
+            init={"source": "bert", "path": "minilm", "allow_partial": False},
+        )
+    )
     assert m.model.state_dict()["qformer.encoder.layer.0.attention.attention.query.weight"].abs().sum() > 0
     with pytest.raises(CsmcirError, match="checkpoint not found"):
-        CIRModule(model="tiny", init={"source": "lavis", "path": str(tmp_path / "nope.pth")})
+        CIRModule(net=NetworkSpec(model="tiny", init={"source": "lavis", "path": str(tmp_path / "nope.pth")}))
 
 
 def test_blip2_vision_tower_weights_load_and_freeze(tmp_path):
@@ -124,23 +154,25 @@ def test_blip2_vision_tower_weights_load_and_freeze(tmp_path):
     sd = {}
     for k, v in src.state_dict().items():
         if k.startswith("vision.model."):
-            sd["vision_model." + k[len("vision.model."):]] = v.contiguous()
+            sd["vision_model." + k[len("vision.model.") :]] = v.contiguous()
         elif k.startswith("text_embeddings."):
-            sd["embeddings." + k[len("text_embeddings."):]] = v.contiguous()
+            sd["embeddings." + k[len("text_embeddings.") :]] = v.contiguous()
         elif k.startswith("proj."):
-            sd["vision_projection." + k[len("proj."):]] = v.contiguous()
+            sd["vision_projection." + k[len("proj.") :]] = v.contiguous()
         else:
             sd[k] = v.contiguous()
     (tmp_path / "b").mkdir()
     save_file(sd, str(tmp_path / "b" / "model.safetensors"))
-    m = CIRModule(model="tiny", model_overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")})
+    m = CIRModule(net=NetworkSpec(model="tiny", overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")}))
     px = torch.rand(1, 3, 28, 28)
     torch.testing.assert_close(m.model.encode_image(px), src.encode_image(px))
     assert not any(p.requires_grad for p in m.model.vision.parameters())  # pretrained vision: frozen by default
     assert all(p.requires_grad for p in m.model.qformer.parameters())
-    m2 = CIRModule(model="tiny", model_overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")}, freeze_vision=False)
+    m2 = CIRModule(
+        net=NetworkSpec(model="tiny", overrides=over, init={"source": "hf_blip2", "path": str(tmp_path / "b")}, freeze_vision=False)
+    )
     assert all(p.requires_grad for p in m2.model.vision.parameters())
-    assert all(p.requires_grad for p in CIRModule(model="tiny").model.vision.parameters())  # from scratch: trained
+    assert all(p.requires_grad for p in CIRModule(net=NetworkSpec(model="tiny")).model.vision.parameters())  # from scratch: trained
 
 
 def test_a_saved_transformers_blip2_retrieval_model_gives_the_same_qformer_outputs(tmp_path):
@@ -150,10 +182,19 @@ def test_a_saved_transformers_blip2_retrieval_model_gives_the_same_qformer_outpu
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
     torch.manual_seed(3)
-    cfg = Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
-                      qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                          cross_attention_frequency=1, use_qformer_text_input=True),
-                      num_query_tokens=4, image_text_hidden_size=32)
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+        qformer_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            cross_attention_frequency=1,
+            use_qformer_text_input=True,
+        ),
+        num_query_tokens=4,
+        image_text_hidden_size=32,
+    )
     hf = Blip2ForImageTextRetrieval(cfg).eval()
     hf.save_pretrained(tmp_path / "blip2-itm")
     over = {"vision": {"kind": "blip2_vit", "image_size": 28, "patch_size": 14, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}}
@@ -167,8 +208,13 @@ def test_a_saved_transformers_blip2_retrieval_model_gives_the_same_qformer_outpu
     with torch.no_grad():
         image = hf.vision_model(pixel_values=(px - ours.vision.mean) / ours.vision.std).last_hidden_state
         x = hf.embeddings(input_ids=ids, query_embeds=hf.query_tokens.expand(2, -1, -1))
-        hidden = hf.qformer(query_embeds=x, query_length=4, attention_mask=torch.cat([torch.ones(2, 4, dtype=torch.long), mask], 1),
-                            encoder_hidden_states=image, encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long)).last_hidden_state
+        hidden = hf.qformer(
+            query_embeds=x,
+            query_length=4,
+            attention_mask=torch.cat([torch.ones(2, 4, dtype=torch.long), mask], 1),
+            encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long),
+        ).last_hidden_state
         expected = F.normalize(hf.vision_projection(hidden[:, :4].mean(1)), dim=-1)
         assert (ours.encode_image(px) - image).abs().max() < 1e-5
         assert (ours.encode(ids, mask, pixels=px) - expected).abs().max() < 1e-5
@@ -201,16 +247,36 @@ def test_lavis_eva_vit_and_blip2_pretrained_load_together_into_a_blip2_vit_tower
     d, layers, heads = 32, 2, 2
     g = torch.Generator().manual_seed(5)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
-    eva = {"cls_token": r(1, 1, d), "pos_embed": r(1, 5, d), "patch_embed.proj.weight": r(d, 3, 14, 14), "patch_embed.proj.bias": r(d),
-           "norm.weight": r(d), "head.weight": r(10, d)}  # EVA's own head and final norm: not used by BLIP-2
+    eva = {
+        "cls_token": r(1, 1, d),
+        "pos_embed": r(1, 5, d),
+        "patch_embed.proj.weight": r(d, 3, 14, 14),
+        "patch_embed.proj.bias": r(d),
+        "norm.weight": r(d),
+        "head.weight": r(10, d),
+    }  # EVA's own head and final norm: not used by BLIP-2
     for i in range(layers):
-        eva.update({f"blocks.{i}.norm1.weight": 1 + r(d), f"blocks.{i}.norm1.bias": r(d), f"blocks.{i}.norm2.weight": 1 + r(d),
-                    f"blocks.{i}.norm2.bias": r(d), f"blocks.{i}.attn.qkv.weight": r(3 * d, d), f"blocks.{i}.attn.q_bias": r(d),
-                    f"blocks.{i}.attn.v_bias": r(d), f"blocks.{i}.attn.proj.weight": r(d, d), f"blocks.{i}.attn.proj.bias": r(d),
-                    f"blocks.{i}.mlp.fc1.weight": r(2 * d, d), f"blocks.{i}.mlp.fc1.bias": r(2 * d),
-                    f"blocks.{i}.mlp.fc2.weight": r(d, 2 * d), f"blocks.{i}.mlp.fc2.bias": r(d)})
+        eva.update(
+            {
+                f"blocks.{i}.norm1.weight": 1 + r(d),
+                f"blocks.{i}.norm1.bias": r(d),
+                f"blocks.{i}.norm2.weight": 1 + r(d),
+                f"blocks.{i}.norm2.bias": r(d),
+                f"blocks.{i}.attn.qkv.weight": r(3 * d, d),
+                f"blocks.{i}.attn.q_bias": r(d),
+                f"blocks.{i}.attn.v_bias": r(d),
+                f"blocks.{i}.attn.proj.weight": r(d, d),
+                f"blocks.{i}.attn.proj.bias": r(d),
+                f"blocks.{i}.mlp.fc1.weight": r(2 * d, d),
+                f"blocks.{i}.mlp.fc1.bias": r(2 * d),
+                f"blocks.{i}.mlp.fc2.weight": r(d, 2 * d),
+                f"blocks.{i}.mlp.fc2.bias": r(d),
+            }
+        )
     torch.save(eva, tmp_path / "eva_vit_g.pth")
-    over = {"vision": {"kind": "blip2_vit", "image_size": 28, "patch_size": 14, "width": d, "layers": layers, "heads": heads, "mlp_ratio": 2.0}}
+    over = {
+        "vision": {"kind": "blip2_vit", "image_size": 28, "patch_size": 14, "width": d, "layers": layers, "heads": heads, "mlp_ratio": 2.0}
+    }
     src = CIRDualTower(get_model_config("tiny", over)).eval()
     pre = _lavis_names({k: v for k, v in src.state_dict().items() if not k.startswith("vision.")})
     pre.pop("visual_encoder.blocks.0.attn.qkv.weight")  # LAVIS does not save the frozen ViT in blip2_pretrained.pth
@@ -237,9 +303,14 @@ def test_clip_vision_tower_loads_a_saved_clip_model_and_combines_with_bert(tmp_p
     from csmcir.lightning.module import CIRModule
 
     torch.manual_seed(6)
-    clip = CLIPModel(CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                                   image_size=28, patch_size=14),
-                                text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))).eval()
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+            ),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        )
+    ).eval()
     clip.save_pretrained(tmp_path / "clip")
     over = {"vision": {"kind": "clip_vit", "image_size": 28, "patch_size": 14, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}}
     ours = CIRDualTower(get_model_config("tiny", over)).eval()
@@ -252,11 +323,18 @@ def test_clip_vision_tower_loads_a_saved_clip_model_and_combines_with_bert(tmp_p
         assert (ours.encode_image(px) - expected).abs().max() < 1e-5
     # BLIP-2's recipe on a CLIP tower: CLIP vision weights + a BERT-initialised Q-Former, frozen tower
     qf = {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536, "num_layers": 1}
-    m = CIRModule(model="tiny", model_overrides={**over, "qformer": qf},
-                  init=[{"source": "hf_clip", "path": str(tmp_path / "clip")}, {"source": "bert", "path": "minilm"}])
+    m = CIRModule(
+        net=NetworkSpec(
+            model="tiny",
+            overrides={**over, "qformer": qf},
+            init=[{"source": "hf_clip", "path": str(tmp_path / "clip")}, {"source": "bert", "path": "minilm"}],
+        )
+    )
     assert not any(p.requires_grad for p in m.model.vision.parameters())
-    torch.testing.assert_close(m.model.vision.model.state_dict()["encoder.layers.1.mlp.fc2.weight"],
-                               clip.vision_model.state_dict()["encoder.layers.1.mlp.fc2.weight"])
+    torch.testing.assert_close(
+        m.model.vision.model.state_dict()["encoder.layers.1.mlp.fc2.weight"],
+        clip.vision_model.state_dict()["encoder.layers.1.mlp.fc2.weight"],
+    )
     assert m.model.state_dict()["qformer.encoder.layer.0.attention.attention.query.weight"].shape == (384, 384)
     # a CLIPVisionModel folder (bare keys) loads the same tower
     from transformers import CLIPVisionModel

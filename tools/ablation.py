@@ -29,7 +29,10 @@ VARIANTS = {
     "fifo_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": null, "half_life": null, "min_fraction": 1.0}'],
     "entropy_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25}'],
     # the same rule with momentum keys: an EMA copy of the tower encodes the bank and the bank term's positive
-    "momentum_bank": ["--model.memory_bank", '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99}'],
+    "momentum_bank": [
+        "--model.memory_bank",
+        '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99}',
+    ],
     # (momentum_keys: qformer is not a variant here: on the synthetic default's trained tower it learnt
     # nothing, seed 0 (at eafa188) gave test R@1 0.0, and CIRModule now refuses it; docs/memory_bank.md)
 }
@@ -49,7 +52,7 @@ VARIANTS["momentum_bank_eqtime"] = VARIANTS["momentum_bank"] + ["--trainer.max_s
 # its first 2 layers) initialised from the packaged all-MiniLM-L6-v2 as BLIP-2 starts from BERT, against the
 # same Q-Former with random weights; same recipe otherwise (the overlay's default_root_dir is overridden per run)
 VARIANTS["minilm_init"] = ["--config", "configs/minilm.yaml"]
-VARIANTS["minilm_random"] = VARIANTS["minilm_init"] + ["--model.init", "null"]
+VARIANTS["minilm_random"] = VARIANTS["minilm_init"] + ["--model.net.init", "null"]
 # the same at the default's wall clock: the 384-wide Q-Former trains at 37.1 samples/s against the default's 121
 # (2 threads, alone; docs/benchmarks.md section 11), so 585 / 3.26 = 179 steps
 VARIANTS["minilm_init_eqtime"] = VARIANTS["minilm_init"] + ["--trainer.max_steps", "179"]
@@ -81,17 +84,22 @@ def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str], 
     if "test/R@1" not in m and not train:
         return None  # --report-only: a run that has not finished is left out
     if "test/R@1" not in m:
-        common = ["--config", config, "--seed_everything", str(seed), *VARIANTS[variant], *extra,
-                  "--trainer.enable_progress_bar", "false"]
+        common = ["--config", config, "--seed_everything", str(seed), *VARIANTS[variant], *extra, "--trainer.enable_progress_bar", "false"]
         if not (run / "train_stats.json").is_file():
             resume = ["--ckpt_path", "last"] if (run / "last.ckpt").is_file() else []
             subprocess.run(["csmcir", "fit", *common, "--trainer.default_root_dir", str(run), *resume], check=True)
-        subprocess.run(["csmcir", "test", *common, "--trainer.default_root_dir", str(test_dir),
-                        "--ckpt_path", str(final_checkpoint(run))], check=True)
+        subprocess.run(
+            ["csmcir", "test", *common, "--trainer.default_root_dir", str(test_dir), "--ckpt_path", str(final_checkpoint(run))], check=True
+        )
         m = _last_metrics(test_dir)
     stats = json.loads((run / "train_stats.json").read_text())
-    return {"variant": variant, "seed": seed, **{k: m[k] for k in METRICS if k in m},
-            "samples_per_s": stats["samples_per_s"], "fit_wall_s": stats["fit_wall_s"]}
+    return {
+        "variant": variant,
+        "seed": seed,
+        **{k: m[k] for k in METRICS if k in m},
+        "samples_per_s": stats["samples_per_s"],
+        "fit_wall_s": stats["fit_wall_s"],
+    }
 
 
 def main() -> int:
@@ -117,7 +125,11 @@ def main() -> int:
             if xs:
                 agg[k] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
         summary[v] = {k: {"mean": m, "std": s, "n": len(vr)} for k, (m, s) in agg.items()}
-        print(f"| {v} | {len(vr)} | " + " | ".join(f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" if k in agg else "-" for k in METRICS + ["samples_per_s"]) + " |")
+        print(
+            f"| {v} | {len(vr)} | "
+            + " | ".join(f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" if k in agg else "-" for k in METRICS + ["samples_per_s"])
+            + " |"
+        )
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"runs": rows, "summary": summary}, indent=1) + "\n")

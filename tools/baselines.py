@@ -10,7 +10,6 @@ Prints a markdown table per split and writes all numbers as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from csmcir.data.custom import CustomCIR
@@ -19,7 +18,6 @@ from csmcir.errors import CsmcirError
 from csmcir.inference import Encoder
 from csmcir.io import atomic_write_json
 from csmcir.retrieval.baselines import evaluate_baselines
-from csmcir.tokenizer import load_tokenizer
 
 
 def main() -> int:
@@ -36,9 +34,7 @@ def main() -> int:
         ds = CustomCIR(a.root)
         all_results = {}
         for split in a.splits:
-            store = SplitStore.build(ds, split, load_tokenizer(text["tokenizer"]), text["max_text_len"],
-                                     target_text=text["target_text"], caption_levels=tuple(text["caption_levels"]),
-                                     image_size=text.get("image_size"))
+            store = SplitStore.build(ds, split, text)
             res = evaluate_baselines(enc.model, store, enc.device)
             all_results[split] = res
             print(f"\n{split} ({store.num_queries} queries, gallery {len(store.gallery_rows)})\n")

@@ -55,13 +55,21 @@ def main() -> int:
 
     pixels = a.image_size * a.image_size
     rng = np.random.default_rng(0)
-    images = {f"img{i:05d}": Image.fromarray(rng.integers(0, 255, (a.image_size, a.image_size, 3), dtype=np.uint8)) for i in range(a.images)}
+    images = {
+        f"img{i:05d}": Image.fromarray(rng.integers(0, 255, (a.image_size, a.image_size, 3), dtype=np.uint8)) for i in range(a.images)
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = a.model_dir or str(Path(tmp) / "model")
         sizes = {} if a.size == "tiny" else QWEN25_VL_SIZES[a.size]
         device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
-        make_tiny_qwen2vl(model_dir, arch=a.arch, min_pixels=min(pixels, 28 * 28 * 4), max_pixels=max(pixels, 28 * 28 * 4),
-                          dtype=resolve_dtype(a.dtype, device) if a.size != "tiny" else None, **sizes)
+        make_tiny_qwen2vl(
+            model_dir,
+            arch=a.arch,
+            min_pixels=min(pixels, 28 * 28 * 4),
+            max_pixels=max(pixels, 28 * 28 * 4),
+            dtype=resolve_dtype(a.dtype, device) if a.size != "tiny" else None,
+            **sizes,
+        )
         backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, max_new_tokens=a.max_new_tokens)
         n_params = sum(x.numel() for x in backend.model.parameters())
         rows = []
@@ -77,8 +85,10 @@ def main() -> int:
                 row["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             rows.append(row)
     best = max(rows, key=lambda r: r["images_per_s"])
-    print(f"{a.arch} {a.size} ({n_params / 1e6:.1f} M parameters), {backend.settings()['dtype']} on {device}, "
-          f"{a.image_size}x{a.image_size} images, {a.max_new_tokens} new tokens per answer")
+    print(
+        f"{a.arch} {a.size} ({n_params / 1e6:.1f} M parameters), {backend.settings()['dtype']} on {device}, "
+        f"{a.image_size}x{a.image_size} images, {a.max_new_tokens} new tokens per answer"
+    )
     print("| batch | images/s | s/image |\n|---|---|---|")
     for r in rows:
         print(f"| {r['batch_size']} | {r['images_per_s']:.3f} | {r['s_per_image']:.3f} |")
@@ -88,12 +98,30 @@ def main() -> int:
         expected[name] = {"images": int(n), "hours": int(n) / best["images_per_s"] / 3600}
         print(f"{name}: {int(n)} images -> {expected[name]['hours']:.2f} h at batch {best['batch_size']}")
     if a.out:
-        meta = {"command": "python " + " ".join(sys.argv), "date": str(date.today()), "machine": platform.machine(),
-                "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
-        Path(a.out).write_text(json.dumps({"meta": meta, "arch": a.arch, "size": a.size, "parameters": n_params,
-                                           "image_size": a.image_size, "max_new_tokens": a.max_new_tokens,
-                                           "rows": rows, "expected": expected}, indent=1) + "\n")
+        meta = {
+            "command": "python " + " ".join(sys.argv),
+            "date": str(date.today()),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        }
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "arch": a.arch,
+                    "size": a.size,
+                    "parameters": n_params,
+                    "image_size": a.image_size,
+                    "max_new_tokens": a.max_new_tokens,
+                    "rows": rows,
+                    "expected": expected,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -84,11 +84,18 @@ def main() -> int:
         encode = timed(lambda: model.encode_image(ref), a.steps)
     feat = tuple(ref_f.shape[1:])
     res = {
-        "model": a.model, "batch": b, "device": str(dev), "threads": torch.get_num_threads(), "platform": platform.platform(),
-        "date": str(date.today()), "params_total_m": sum(x.numel() for x in model.parameters()) / 1e6,
+        "model": a.model,
+        "batch": b,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": str(date.today()),
+        "params_total_m": sum(x.numel() for x in model.parameters()) / 1e6,
         "params_trained_m": sum(x.numel() for x in model.parameters() if x.requires_grad) / 1e6,
-        "step_s_pixels": statistics.median(pixels), "step_s_cached": statistics.median(cached),
-        "cache_s_per_image": statistics.median(encode) / b, "feature_shape": feat,
+        "step_s_pixels": statistics.median(pixels),
+        "step_s_cached": statistics.median(cached),
+        "cache_s_per_image": statistics.median(encode) / b,
+        "feature_shape": feat,
         "cache_bytes_per_image": feat[0] * feat[1] * 2,
     }
     steps = a.epoch_queries / b

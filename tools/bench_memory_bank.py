@@ -29,6 +29,7 @@ import torch
 
 from csmcir.data.datamodule import CIRDataModule
 from csmcir.lightning.module import CIRModule
+from csmcir.models import NetworkSpec
 
 VARIANTS = {
     "in_batch": None,
@@ -36,8 +37,14 @@ VARIANTS = {
     "entropy_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25},
     "momentum_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99},
     # the same with keys from the EMA Q-Former on the step's own target features (no second vision pass)
-    "momentum_qformer_bank": {"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99,
-                              "momentum_keys": "qformer"},
+    "momentum_qformer_bank": {
+        "capacity": 4096,
+        "max_age": 200,
+        "half_life": 100,
+        "min_fraction": 0.25,
+        "momentum": 0.99,
+        "momentum_keys": "qformer",
+    },
 }
 
 
@@ -56,10 +63,18 @@ def time_variant(bank: dict | None, dm: CIRDataModule, steps: int, seed: int) ->
     L.seed_everything(seed, verbose=False)
     # Q-Former keys need a frozen tower (CIRModule refuses a trained one): that step also skips the
     # tower's backward, so compare its whole-step time with care; the work timings below are like for like
-    module = CIRModule(memory_bank=bank, freeze_vision=bool(bank) and bank.get("momentum_keys") == "qformer")
+    module = CIRModule(net=NetworkSpec(freeze_vision=bool(bank) and bank.get("momentum_keys") == "qformer"), memory_bank=bank)
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=dm)
     return timer.times
 
@@ -70,10 +85,8 @@ def bank_work(bank: dict, reps: int, batch: int = 128, dim: int = 128, seed: int
     machine. Also the drift probe: re-encoding ``drift_sample`` targets with the default model."""
     import torch.nn.functional as F
 
-    from csmcir.losses import MemoryBank, same_target_mask
+    from csmcir.losses import MemoryBank, bank_nce, same_target_mask
     from csmcir.losses.contrastive import InfoNCELoss
-
-    from csmcir.losses import bank_nce
 
     g = torch.Generator().manual_seed(seed)
     loss = InfoNCELoss(0.01, True, bidirectional=True)
@@ -118,8 +131,9 @@ def ema_update_s(reps: int = 20, skip_vision: bool = False) -> float:
 
     module = CIRModule()
     ema = copy.deepcopy(module.model).requires_grad_(False)
-    pairs = [(pe, p) for (n, pe), p in zip(ema.named_parameters(), module.model.parameters())
-             if not (skip_vision and n.startswith("vision."))]
+    pairs = [
+        (pe, p) for (n, pe), p in zip(ema.named_parameters(), module.model.parameters()) if not (skip_vision and n.startswith("vision."))
+    ]
     ts = []
     with torch.no_grad():
         for _ in range(reps):
@@ -165,8 +179,17 @@ def time_steps(a) -> dict[str, dict]:
             per_repeat[v].append(statistics.median(t))
             print(f"repeat {r} {v}: median {statistics.median(t) * 1e3:.1f} ms/step", file=sys.stderr)
     base = statistics.median(times[a.variants[0]])
-    return {v: {"median_s": statistics.median(t), "mean_s": statistics.mean(t), "n_steps": len(t), "repeat_medians_s": per_repeat[v],
-                "overhead": statistics.median(t) / base - 1, "bank": VARIANTS[v]} for v, t in times.items()}
+    return {
+        v: {
+            "median_s": statistics.median(t),
+            "mean_s": statistics.mean(t),
+            "n_steps": len(t),
+            "repeat_medians_s": per_repeat[v],
+            "overhead": statistics.median(t) / base - 1,
+            "bank": VARIANTS[v],
+        }
+        for v, t in times.items()
+    }
 
 
 def main() -> int:
@@ -193,7 +216,9 @@ def main() -> int:
     # the bank's own work, isolated: far less noisy than whole steps on a shared 2-core machine
     step_s = rows[a.variants[0]]["median_s"]
     work = {}
-    print("\n| bank | loss fwd+bwd ms | with bank (+ evict, select, enqueue) ms | added ms | drift probe ms / drift_every | overhead vs in-batch step |\n|---|---|---|---|---|---|")
+    print(
+        "\n| bank | loss fwd+bwd ms | with bank (+ evict, select, enqueue) ms | added ms | drift probe ms / drift_every | overhead vs in-batch step |\n|---|---|---|---|---|---|"
+    )
     for v in a.variants:
         cfg = VARIANTS[v]
         if cfg is None:
@@ -209,12 +234,20 @@ def main() -> int:
             w["added_per_step_s"] += w["key_encoder_s"] + w["ema_update_s"]
         w["overhead_of_step"] = w["added_per_step_s"] / step_s
         work[v] = w
-        print(f"| {v} | {w['loss_s'] * 1e3:.2f} | {w['loss_with_bank_s'] * 1e3:.2f} | {w['bank_added_s'] * 1e3:.2f} | "
-              f"{w['drift_probe_s'] * 1e3:.0f} / {every} | {100 * w['overhead_of_step']:.1f} % of {step_s * 1e3:.0f} ms |"
-              + (f" (keys {w['key_encoder_s'] * 1e3:.0f} ms + EMA {w['ema_update_s'] * 1e3:.1f} ms included)" if "key_encoder_s" in w else ""))
+        print(
+            f"| {v} | {w['loss_s'] * 1e3:.2f} | {w['loss_with_bank_s'] * 1e3:.2f} | {w['bank_added_s'] * 1e3:.2f} | "
+            f"{w['drift_probe_s'] * 1e3:.0f} / {every} | {100 * w['overhead_of_step']:.1f} % of {step_s * 1e3:.0f} ms |"
+            + (f" (keys {w['key_encoder_s'] * 1e3:.0f} ms + EMA {w['ema_update_s'] * 1e3:.1f} ms included)" if "key_encoder_s" in w else "")
+        )
     if a.out:
-        meta = {"command": "python " + " ".join(sys.argv), "date": str(date.today()), "machine": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        meta = {
+            "command": "python " + " ".join(sys.argv),
+            "date": str(date.today()),
+            "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "steps": rows, "bank_work": work}, f, indent=1)
             f.write("\n")

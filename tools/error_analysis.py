@@ -45,9 +45,9 @@ def _describer(root: Path, ds: CustomCIR):
         scenes = {}
         for line in scenes_file.open():
             d = json.loads(line)
-            scenes[d["image_id"]] = "; ".join(
-                f"{o['size']} {o['colour']} {o['pattern']} {o['shape']} @{o['cell']}" for o in d["objects"]
-            ) or "(empty)"
+            scenes[d["image_id"]] = (
+                "; ".join(f"{o['size']} {o['colour']} {o['pattern']} {o['shape']} @{o['cell']}" for o in d["objects"]) or "(empty)"
+            )
         return lambda i: scenes.get(i, "?")
     captions = ds.captions()
     return lambda i: captions[i].final if i in captions else "(no caption)"

@@ -36,7 +36,7 @@ def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path) as f:
         raw = f.read()
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -48,8 +48,9 @@ def sample(split: str, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, 
 
 
 def tower(stage: str, size: int, pretrained: bool) -> EfficientNetLite0Tower:
-    t = EfficientNetLite0Tower(VisionConfig(kind="efficientnet_lite0", image_size=size, width=STAGES[stage],
-                                            feature_stage=stage, mean=MEAN, std=STD))
+    t = EfficientNetLite0Tower(
+        VisionConfig(kind="efficientnet_lite0", image_size=size, width=STAGES[stage], feature_stage=stage, mean=MEAN, std=STD)
+    )
     if pretrained:
         load_efficientnet_lite0(t.net)
     return t.eval()
@@ -61,10 +62,9 @@ def pooled_all_stages(t: EfficientNetLite0Tower, px: torch.Tensor, batch: int = 
     names = list(STAGES)
     grabbed: dict[str, list[torch.Tensor]] = {s: [] for s in CANDIDATES}
     modules = {**{names[i]: m for i, m in enumerate(t.net.stages)}, "head": t.net.head}
-    hooks = [modules[s].register_forward_hook(lambda m, i, o, s=s: grabbed[s].append(o.mean(dim=(2, 3))))
-             for s in CANDIDATES]
+    hooks = [modules[s].register_forward_hook(lambda m, i, o, s=s: grabbed[s].append(o.mean(dim=(2, 3)))) for s in CANDIDATES]
     for i in range(0, len(px), batch):
-        t(px[i: i + batch])
+        t(px[i : i + batch])
     for h in hooks:
         h.remove()
     return {s: torch.cat(v) for s, v in grabbed.items()}
@@ -106,9 +106,15 @@ def main() -> None:
     g_px, g_y = sample("train", args.n_train, rng)
     q_px, q_y = sample("t10k", args.n_test, rng)
     started = time.perf_counter()
-    result: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-                    "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
-                    "raw_pixels_5nn": knn_accuracy(g_px[:, 0].flatten(1), g_y, q_px[:, 0].flatten(1), q_y), "knn": {}, "sec_per_image": {}}
+    result: dict = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "seed": args.seed,
+        "raw_pixels_5nn": knn_accuracy(g_px[:, 0].flatten(1), g_y, q_px[:, 0].flatten(1), q_y),
+        "knn": {},
+        "sec_per_image": {},
+    }
     for weights in ("imagenet", "random"):
         for size in (224, 112):
             if weights == "random" and size == 112:
@@ -122,16 +128,20 @@ def main() -> None:
             result["sec_per_image"][f"{size}/{s}"] = seconds_per_image(s, size)
     result["total_seconds"] = time.perf_counter() - started
 
-    print(f"{result['machine']}; {args.n_train} train / {args.n_test} test Fashion-MNIST, seed {args.seed}; "
-          f"raw pixels 5-NN {result['raw_pixels_5nn']:.2f}")
+    print(
+        f"{result['machine']}; {args.n_train} train / {args.n_test} test Fashion-MNIST, seed {args.seed}; "
+        f"raw pixels 5-NN {result['raw_pixels_5nn']:.2f}"
+    )
     print("| stage | channels | grid at 224 | 5-NN 224 | 5-NN 112 | 5-NN random weights 224 | ms/image 224 | ms/image 112 |")
     print("|---|---|---|---|---|---|---|---|")
     for s in CANDIDATES:
         grid = 14 if s in ("mbconv4", "mbconv5") else 7
         k = result["knn"]
-        print(f"| {s} | {STAGES[s]} | {grid}x{grid} | {k[f'imagenet/224/{s}']:.2f} | {k[f'imagenet/112/{s}']:.2f} | "
-              f"{k[f'random/224/{s}']:.2f} | {1000 * result['sec_per_image'][f'224/{s}']:.0f} | "
-              f"{1000 * result['sec_per_image'][f'112/{s}']:.0f} |")
+        print(
+            f"| {s} | {STAGES[s]} | {grid}x{grid} | {k[f'imagenet/224/{s}']:.2f} | {k[f'imagenet/112/{s}']:.2f} | "
+            f"{k[f'random/224/{s}']:.2f} | {1000 * result['sec_per_image'][f'224/{s}']:.0f} | "
+            f"{1000 * result['sec_per_image'][f'112/{s}']:.0f} |"
+        )
     print(f"total {result['total_seconds']:.0f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

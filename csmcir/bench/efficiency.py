@@ -42,8 +42,10 @@ __all__ = ["EfficiencySettings", "run_efficiency_bench", "markdown_table", "writ
 
 QUERY_TEXT = "make the dress red and sleeveless, with a thin belt and a floral print"
 # a final MCoT caption of typical length (the target side of the symmetric tower)
-GALLERY_CAPTION = ("a knee-length red sleeveless dress with a thin black belt at the waist, a small white floral "
-                   "print, a round neckline and a flared skirt, photographed on a plain light background")
+GALLERY_CAPTION = (
+    "a knee-length red sleeveless dress with a thin black belt at the waist, a small white floral "
+    "print, a round neckline and a flared skirt, photographed on a plain light background"
+)
 MLLM_SIZES = ("tiny", "3b", "7b")
 
 
@@ -103,8 +105,14 @@ def _measure(call_1, call_b, batch: int, repeats: int, device: str) -> dict:
         sync()
         n += 1
     per_s = n * batch / (time.perf_counter() - t0)
-    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * _percentile(times, 95), "repeats": repeats,
-            "throughput_per_s": per_s, "batch": batch, "gflops": flops / 1e9}
+    return {
+        "p50_ms": 1000 * statistics.median(times),
+        "p95_ms": 1000 * _percentile(times, 95),
+        "repeats": repeats,
+        "throughput_per_s": per_s,
+        "batch": batch,
+        "gflops": flops / 1e9,
+    }
 
 
 def _random_images(n: int, side: int, seed: int = 0):
@@ -117,6 +125,7 @@ def _random_images(n: int, side: int, seed: int = 0):
 def measure_student(name: str, cfg: EfficiencySettings) -> list[dict]:
     import torch
 
+    from ..config import TextConfig
     from ..factory import create_model
     from ..inference import Encoder, resolve_device
 
@@ -125,8 +134,7 @@ def measure_student(name: str, cfg: EfficiencySettings) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(name).to(dev, dtype=dtype).eval()
     mc = model.cfg
-    enc = Encoder(model, {"tokenizer": mc.tokenizer, "max_text_len": mc.qformer.max_text_len, "image_size": None,
-                          "target_text": "caption", "caption_levels": ["final"]}, dev)
+    enc = Encoder(model, TextConfig.from_dict(None, mc), dev)  # the model config's tokenizer and length
     side = mc.vision.image_size
     imgs = _random_images(cfg.batch, side)
     params = sum(p.numel() for p in model.parameters())
@@ -134,20 +142,27 @@ def measure_student(name: str, cfg: EfficiencySettings) -> list[dict]:
     for s in cfg.sides:
         text = QUERY_TEXT if s == "query" else GALLERY_CAPTION
         m = _measure(lambda: enc.encode(imgs[:1], [text]), lambda: enc.encode(imgs, [text] * cfg.batch), cfg.batch, cfg.repeats, str(dev))
-        rows.append({"model": f"student:{name}", "family": "csmcir", "side": s, "mode": "encode", "params_m": params / 1e6,
-                     "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "image_px": side, **m, **_peak_memory(str(dev))})
+        rows.append(
+            {
+                "model": f"student:{name}",
+                "family": "csmcir",
+                "side": s,
+                "mode": "encode",
+                "params_m": params / 1e6,
+                "device": str(dev),
+                "dtype": str(dtype).replace("torch.", ""),
+                "image_px": side,
+                **m,
+                **_peak_memory(str(dev)),
+            }
+        )
     return rows
 
 
 def _dtype(name: str, device: str):
-    import torch
+    from ..devices import resolve_dtype
 
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise CsmcirError(f"--dtype {name!r}: choose auto, float32, bfloat16 or float16") from None
+    return resolve_dtype(name, device)
 
 
 def measure_mllm(size: str, cfg: EfficiencySettings) -> list[dict]:
@@ -173,11 +188,24 @@ def measure_mllm(size: str, cfg: EfficiencySettings) -> list[dict]:
     for s, mode in plan:
         texts = (lambda n: [QUERY_TEXT] * n) if s == "query" else (lambda n: None)
         repeats = cfg.repeats if mode == "fast" or size == "tiny" else max(2, cfg.repeats // 3)
-        m = _measure(lambda: teacher.embed(imgs[:1], texts(1), mode), lambda: teacher.embed(imgs, texts(cfg.batch), mode),
-                     cfg.batch, repeats, dev)
-        rows.append({"model": f"mllm:{size}", "family": "mllm", "side": s, "mode": mode, "params_m": params / 1e6,
-                     "device": dev, "dtype": str(dtype).replace("torch.", ""), "image_px": cfg.mllm_image_size,
-                     "new_tokens": cfg.new_tokens if mode == "full" else 0, **m, **_peak_memory(dev)})
+        m = _measure(
+            lambda: teacher.embed(imgs[:1], texts(1), mode), lambda: teacher.embed(imgs, texts(cfg.batch), mode), cfg.batch, repeats, dev
+        )
+        rows.append(
+            {
+                "model": f"mllm:{size}",
+                "family": "mllm",
+                "side": s,
+                "mode": mode,
+                "params_m": params / 1e6,
+                "device": dev,
+                "dtype": str(dtype).replace("torch.", ""),
+                "image_px": cfg.mllm_image_size,
+                "new_tokens": cfg.new_tokens if mode == "full" else 0,
+                **m,
+                **_peak_memory(dev),
+            }
+        )
     return rows
 
 
@@ -194,9 +222,8 @@ def _run_job(kind: str, name: str, cfg: EfficiencySettings) -> list[dict]:
 
 def run_efficiency_bench(cfg: EfficiencySettings, progress: bool = True) -> dict:
     """Measure every candidate (module docstring); returns ``{"machine", "settings", "rows", "ratios"}``."""
-    from tqdm.auto import tqdm
-
     import torch
+    from tqdm.auto import tqdm
 
     for s in cfg.mllms:
         if s not in MLLM_SIZES:
@@ -207,9 +234,13 @@ def run_efficiency_bench(cfg: EfficiencySettings, progress: bool = True) -> dict
         rows += _run_job(kind, name, cfg)
     for r in rows:
         r["accuracy"] = cfg.accuracy.get(r["model"])
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2),
-               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     return {"machine": machine, "settings": asdict(cfg), "rows": rows, "ratios": cost_ratios(rows)}
 
 
@@ -224,29 +255,48 @@ def cost_ratios(rows: list[dict]) -> list[dict]:
                 a = next((r for r in students if r["model"] == s and r["side"] == side), None)
                 b = next((r for r in rows if r["model"] == m and r["side"] == side and r["mode"] == mode), None)
                 if a and b:
-                    out.append({"student": s, "mllm": m, "side": side, "mllm_mode": mode,
-                                "latency_ratio": b["p50_ms"] / a["p50_ms"],
-                                "flops_ratio": b["gflops"] / a["gflops"] if a["gflops"] else None,
-                                "throughput_ratio": a["throughput_per_s"] / b["throughput_per_s"]})
+                    out.append(
+                        {
+                            "student": s,
+                            "mllm": m,
+                            "side": side,
+                            "mllm_mode": mode,
+                            "latency_ratio": b["p50_ms"] / a["p50_ms"],
+                            "flops_ratio": b["gflops"] / a["gflops"] if a["gflops"] else None,
+                            "throughput_ratio": a["throughput_per_s"] / b["throughput_per_s"],
+                        }
+                    )
     return out
 
 
 def markdown_table(result: dict) -> str:
     m = result["machine"]
-    head = (f"Device: {result['rows'][0]['device'] if result['rows'] else '-'}"
-            f"{' (' + m['gpu'] + ')' if m.get('gpu') else ''}; {m['processor']}, {m['cpu_threads']} threads; "
-            f"load average at start {m['load_average_1min']}; MLLM full mode generates {result['settings']['new_tokens']} tokens.\n\n")
-    lines = ["| model | side | mode | params (M) | dtype | p50 ms | p95 ms | items/s @ batch | GFLOPs / item | peak mem GiB |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    head = (
+        f"Device: {result['rows'][0]['device'] if result['rows'] else '-'}"
+        f"{' (' + m['gpu'] + ')' if m.get('gpu') else ''}; {m['processor']}, {m['cpu_threads']} threads; "
+        f"load average at start {m['load_average_1min']}; MLLM full mode generates {result['settings']['new_tokens']} tokens.\n\n"
+    )
+    lines = [
+        "| model | side | mode | params (M) | dtype | p50 ms | p95 ms | items/s @ batch | GFLOPs / item | peak mem GiB |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['side']} | {r['mode']} | {r['params_m']:.1f} | {r['dtype']} | {r['p50_ms']:.1f} | "
-                     f"{r['p95_ms']:.1f} | {r['throughput_per_s']:.3g} @ {r['batch']} | {r['gflops']:.3g} | {r['peak_mem_gib']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['side']} | {r['mode']} | {r['params_m']:.1f} | {r['dtype']} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['throughput_per_s']:.3g} @ {r['batch']} | {r['gflops']:.3g} | {r['peak_mem_gib']:.2f} |"
+        )
     if result["ratios"]:
-        lines += ["", "| MLLM / student | per | MLLM mode | latency ratio (p50) | FLOPs ratio | throughput ratio |", "|---|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| MLLM / student | per | MLLM mode | latency ratio (p50) | FLOPs ratio | throughput ratio |",
+            "|---|---|---|---:|---:|---:|",
+        ]
         for q in result["ratios"]:
             fr = f"{q['flops_ratio']:.3g}x" if q["flops_ratio"] else "-"
-            lines.append(f"| {q['mllm']} / {q['student']} | {'query' if q['side'] == 'query' else 'gallery image'} | {q['mllm_mode']} | "
-                         f"{q['latency_ratio']:.3g}x | {fr} | {q['throughput_ratio']:.3g}x |")
+            lines.append(
+                f"| {q['mllm']} / {q['student']} | {'query' if q['side'] == 'query' else 'gallery image'} | {q['mllm_mode']} | "
+                f"{q['latency_ratio']:.3g}x | {fr} | {q['throughput_ratio']:.3g}x |"
+            )
     return head + "\n".join(lines) + "\n"
 
 

@@ -40,13 +40,16 @@ from ..retrieval.index import GalleryIndex, faiss_gpu_available
 
 __all__ = ["make_embeddings", "read_bandwidth_gbs", "run_retrieval_bench", "markdown_table"]
 
-KNOBS = {"ivf_flat": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
-         "ivf_pq": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
-         "hnsw": ("ef_search", [16, 32, 64, 128, 256, 512])}
+KNOBS = {
+    "ivf_flat": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    "ivf_pq": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    "hnsw": ("ef_search", [16, 32, 64, 128, 256, 512]),
+}
 
 
-def make_embeddings(n: int, dim: int, n_queries: int, data: str = "clustered", seed: int = 0,
-                    spread: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+def make_embeddings(
+    n: int, dim: int, n_queries: int, data: str = "clustered", seed: int = 0, spread: float = 0.6
+) -> tuple[np.ndarray, np.ndarray]:
     """``(gallery [n, dim], queries [n_queries, dim])``, float32 and L2-normalised (module docstring)."""
     rng = np.random.default_rng(seed)
 
@@ -107,12 +110,14 @@ def _torch_search(gallery: torch.Tensor, k: int):
     def search(q: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return torch.topk(torch.from_numpy(q) @ gallery.T, k, dim=1).indices.numpy()
+
     return search
 
 
 def _index_search(index: GalleryIndex, k: int):
     def search(q: np.ndarray) -> np.ndarray:  # row numbers: mapping them to id strings is not search
         return index.search_rows(q, k)[1]
+
     return search
 
 
@@ -138,10 +143,15 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
     are left out of the gallery).
     """
     bandwidth = read_bandwidth_gbs()
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "faiss_gpu": faiss_gpu_available(),
-               "read_bandwidth_gbs": round(bandwidth, 2),
-               "load_average_1min": round(__import__("os").getloadavg()[0], 2), "data": cfg.data if embeddings is None else "user embeddings"}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "faiss_gpu": faiss_gpu_available(),
+        "read_bandwidth_gbs": round(bandwidth, 2),
+        "load_average_1min": round(__import__("os").getloadavg()[0], 2),
+        "data": cfg.data if embeddings is None else "user embeddings",
+    }
     rows = []
     steps = [(n, kind) for n in cfg.sizes for kind in cfg.kinds]
     bar = tqdm(steps, desc="bench retrieval", disable=not progress)
@@ -181,9 +191,19 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
                 for r in rows:  # a torch row measured before flat gets its recall now
                     if r["n"] == n and r["kind"] == "torch" and "recall" not in r:
                         r["recall"] = _recall(cache["torch_ids"], ids)
-                rows.append({**base, "build_s": build_s, "bytes": size, "qps": qps, "qps_batch1": qps1, "recall": 1.0,
-                             "batch": cfg.batch, "scan_gbs": qps * g.nbytes / 1e9,
-                             "scan_gbs_batch1": qps1 * g.nbytes / 1e9})
+                rows.append(
+                    {
+                        **base,
+                        "build_s": build_s,
+                        "bytes": size,
+                        "qps": qps,
+                        "qps_batch1": qps1,
+                        "recall": 1.0,
+                        "batch": cfg.batch,
+                        "scan_gbs": qps * g.nbytes / 1e9,
+                        "scan_gbs_batch1": qps1 * g.nbytes / 1e9,
+                    }
+                )
             else:
                 if cache["exact"] is None:
                     cache["exact"] = _index_search(GalleryIndex.build(g, [str(i) for i in range(n)], kind="flat", use_gpu=False), cfg.k)(q)
@@ -200,10 +220,22 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
                 at_default = next(s for s in sweep if s[knob] == default)
                 index.set_search_params(**{knob: default})
                 qps1, _ = _timed_search(_index_search(index, cfg.k), q[: cfg.batch1_queries], 1, cfg.min_seconds / 2)
-                rows.append({**base, "build_s": build_s, "bytes": size, "batch": cfg.batch, "params": index.info.get("ivf") or index.info.get("hnsw"),
-                             "qps": at_default["qps"], "recall": at_default["recall"], "qps_batch1": qps1,
-                             "knob": knob, "default": default, "sweep": sweep,
-                             "at_target": {**best, "target_recall": cfg.target_recall, "reached": bool(ok)}})
+                rows.append(
+                    {
+                        **base,
+                        "build_s": build_s,
+                        "bytes": size,
+                        "batch": cfg.batch,
+                        "params": index.info.get("ivf") or index.info.get("hnsw"),
+                        "qps": at_default["qps"],
+                        "recall": at_default["recall"],
+                        "qps_batch1": qps1,
+                        "knob": knob,
+                        "default": default,
+                        "sweep": sweep,
+                        "at_target": {**best, "target_recall": cfg.target_recall, "reached": bool(ok)},
+                    }
+                )
             del index
     for r in rows:  # speed against exact search at the same size
         flat = next((f for f in rows if f["n"] == r["n"] and f["kind"] == "flat"), None)
@@ -217,22 +249,29 @@ def run_retrieval_bench(cfg: BenchSettings, embeddings: np.ndarray | None = None
 def markdown_table(result: dict) -> str:
     """The benchmark as a markdown table (one line per size and kind)."""
     bw = result["machine"]["read_bandwidth_gbs"]
-    lines = [f"Memory read bandwidth (measured): {bw:.1f} GB/s; load average at start "
-             f"{result['machine'].get('load_average_1min', float('nan')):.2f}; data: {result['machine']['data']}; "
-             f"k = {result['settings']['k']}; batch = {result['settings']['batch']} queries.",
-             "",
-             "| gallery | kind | params | build s | MB | queries/s | x flat | recall@k | queries/s batch 1 | effective GB/s scanned (batch / batch 1) | at recall >= target |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        f"Memory read bandwidth (measured): {bw:.1f} GB/s; load average at start "
+        f"{result['machine'].get('load_average_1min', float('nan')):.2f}; data: {result['machine']['data']}; "
+        f"k = {result['settings']['k']}; batch = {result['settings']['batch']} queries.",
+        "",
+        "| gallery | kind | params | build s | MB | queries/s | x flat | recall@k | queries/s batch 1 | effective GB/s scanned (batch / batch 1) | at recall >= target |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in result["rows"]:
         params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
         scan = f"{r['scan_gbs']:.1f} / {r['scan_gbs_batch1']:.1f}" if "scan_gbs" in r else ""
         tgt = ""
         if "at_target" in r:
             a = r["at_target"]
-            tgt = (f"{r['knob']}={a[r['knob']]}: {a['qps']:.0f} q/s, {a['recall']:.3f}, {a.get('speedup_vs_flat', 0):.1f}x flat"
-                   if a["reached"] else f"not reached (best {a['recall']:.3f})")
-        lines.append(f"| {r['n']:,} | {r['kind']} | {params} | {r['build_s']:.2f} | {r['bytes'] / 1e6:.0f} | {r['qps']:.0f} | "
-                     f"{r.get('speedup_vs_flat', float('nan')):.2f} | {r.get('recall', float('nan')):.3f} | {r['qps_batch1']:.0f} | {scan} | {tgt} |")
+            tgt = (
+                f"{r['knob']}={a[r['knob']]}: {a['qps']:.0f} q/s, {a['recall']:.3f}, {a.get('speedup_vs_flat', 0):.1f}x flat"
+                if a["reached"]
+                else f"not reached (best {a['recall']:.3f})"
+            )
+        lines.append(
+            f"| {r['n']:,} | {r['kind']} | {params} | {r['build_s']:.2f} | {r['bytes'] / 1e6:.0f} | {r['qps']:.0f} | "
+            f"{r.get('speedup_vs_flat', float('nan')):.2f} | {r.get('recall', float('nan')):.3f} | {r['qps_batch1']:.0f} | {scan} | {tgt} |"
+        )
     return "\n".join(lines) + "\n"
 
 

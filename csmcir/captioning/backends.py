@@ -15,6 +15,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..devices import resolve_device as _resolve_device
+from ..devices import resolve_dtype
 from ..errors import CsmcirError
 
 __all__ = ["CaptionBackend", "TransformersBackend", "SyntheticBackend", "make_backend", "resolve_device", "resolve_dtype"]
@@ -32,25 +34,8 @@ class CaptionBackend(Protocol):
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CsmcirError(f"device {device!r} asked for, but no CUDA GPU is available")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise CsmcirError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
-    return table[dtype]
+    """The device name for ``device`` (:func:`csmcir.devices.resolve_device`)."""
+    return str(_resolve_device(device))
 
 
 def load_mllm(model: str, device: str, dtype, local_files_only: bool = True, **processor_kw):
@@ -91,9 +76,19 @@ class TransformersBackend:
 
     needs_images = True
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 256,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 min_pixels: int | None = None, max_pixels: int | None = None, local_files_only: bool = True):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        local_files_only: bool = True,
+    ):
         import torch
 
         self.model_id = model
@@ -123,7 +118,7 @@ class TransformersBackend:
         inputs = inputs.to(self.device)
         with self._torch.inference_mode():
             out = self.model.generate(**inputs, **self.gen, pad_token_id=self.processor.tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = out[:, inputs["input_ids"].shape[1] :]
         return self.processor.batch_decode(new, skip_special_tokens=True)
 
 
@@ -163,8 +158,18 @@ class SyntheticBackend:
         return out
 
 
-def make_backend(name: str, *, model: str | None, root: str, template, device: str = "auto", dtype: str = "auto",
-                 max_new_tokens: int = 256, seed: int = 0, **kw) -> CaptionBackend:
+def make_backend(
+    name: str,
+    *,
+    model: str | None,
+    root: str,
+    template,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    **kw,
+) -> CaptionBackend:
     if name == "synthetic":
         return SyntheticBackend(root, template, seed=seed)
     if name == "transformers":

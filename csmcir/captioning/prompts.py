@@ -111,8 +111,14 @@ class PromptTemplate:
         return ParsedCaption(levels, final, "ok" if len(levels) == len(self.levels) else "partial")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "intro": self.intro, "final_ask": self.final_ask,
-                "final_label": self.final_label, "levels": [vars(lv) for lv in self.levels]}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "intro": self.intro,
+            "final_ask": self.final_ask,
+            "final_label": self.final_label,
+            "levels": [vars(lv) for lv in self.levels],
+        }
 
 
 def _clean(s: str) -> str:
@@ -176,8 +182,14 @@ def load_template(spec: str) -> PromptTemplate:
         levels = tuple(Level(str(lv["key"]), str(lv["label"]), str(lv["ask"])) for lv in raw["levels"])
         if not levels:
             raise ValueError("no levels")
-        t = PromptTemplate(str(raw["name"]), str(raw["version"]), str(raw.get("intro", NATURAL.intro)), levels,
-                           str(raw["final_ask"]), str(raw.get("final_label", "Final")))
+        t = PromptTemplate(
+            str(raw["name"]),
+            str(raw["version"]),
+            str(raw.get("intro", NATURAL.intro)),
+            levels,
+            str(raw["final_ask"]),
+            str(raw.get("final_label", "Final")),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise CsmcirError(f"{path}: not a prompt template (needs name, version, levels of key/label/ask, final_ask): {e}") from None
     keys = [lv.key for lv in t.levels]

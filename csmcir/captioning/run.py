@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import CsmcirError
 from .prompts import PromptTemplate
@@ -61,8 +61,15 @@ def caption_images(
     done = store.done()
     todo = [i for i in ids if i not in done]
     prompt = template.prompt()
-    counts: dict[str, int | float] = {"selected": len(ids), "already_done": len(ids) - len(todo), "captioned": 0,
-                                      "ok": 0, "partial": 0, "unparsed": 0, "empty": 0}
+    counts: dict[str, int | float] = {
+        "selected": len(ids),
+        "already_done": len(ids) - len(todo),
+        "captioned": 0,
+        "ok": 0,
+        "partial": 0,
+        "unparsed": 0,
+        "empty": 0,
+    }
     bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -76,8 +83,18 @@ def caption_images(
             for i, raw in zip(batch, answers):
                 parsed = template.parse(raw)
                 counts[parsed.status] += 1
-                records.append({"image_id": i, "levels": parsed.levels, "final": parsed.final, "status": parsed.status,
-                                "raw": raw, "model": backend.model_id, "prompt": template.id, "generation": backend.settings()})
+                records.append(
+                    {
+                        "image_id": i,
+                        "levels": parsed.levels,
+                        "final": parsed.final,
+                        "status": parsed.status,
+                        "raw": raw,
+                        "model": backend.model_id,
+                        "prompt": template.id,
+                        "generation": backend.settings(),
+                    }
+                )
             store.append(records)
             counts["captioned"] += len(batch)
             bar.update(len(batch))
@@ -89,3 +106,54 @@ def caption_images(
     counts["seconds"] = round(elapsed, 2)
     counts["images_per_s"] = round(counts["captioned"] / elapsed, 3) if elapsed > 0 and counts["captioned"] else 0.0
     return counts
+
+
+def caption_dataset(
+    dataset,
+    splits: list[str],
+    out,
+    backend: str = "transformers",
+    template=None,
+    model: str | None = None,
+    shard: str | tuple[int, int] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    **backend_kw,
+) -> dict:
+    """Caption every image ``splits`` of ``dataset`` read (gallery, references, targets, listed
+    negatives; each image once) into the caption store ``out`` (a JSONL file, resumed if it
+    exists). ``backend``: ``transformers`` (an MLLM, ``model`` = a local folder or hub id) or
+    ``synthetic``; ``template``: a :class:`PromptTemplate`, a name or a YAML file (default: by
+    dataset). Other keywords go to the backend (``device``, ``dtype``, ``max_new_tokens``,
+    ``seed``, ``min_pixels``, ``max_pixels``, ``local_files_only``). Returns the run's counts."""
+    from .backends import make_backend
+    from .prompts import PromptTemplate, default_template_for, load_template
+
+    if not isinstance(template, PromptTemplate):
+        template = load_template(template or default_template_for(getattr(dataset, "name", "custom")))
+    shard = parse_shard(shard) if not isinstance(shard, tuple) else shard
+    if limit is not None and limit < 0:
+        raise CsmcirError("--limit must be >= 0")
+    ids: dict[str, None] = {}
+    for split in splits:
+        ids.update(dict.fromkeys(split_image_ids(dataset, split)))
+    ids = select_ids(list(ids), shard, limit)
+    with CaptionStore(out) as store:  # opens (and repairs) the store before the model loads
+        for i, rec in store.records.items():
+            if rec.get("prompt") not in (None, template.id):
+                raise CsmcirError(
+                    f"{out}: image {i!r} was captioned with prompt {rec.get('prompt')} but this run uses "
+                    f"{template.id}; write to another file"
+                )
+        todo = [i for i in ids if i not in store.records]
+        if backend == "transformers":  # before a large model loads: every image file is there
+            missing = [(i, path) for i in todo if not (path := dataset.image_path(i)).is_file()]
+            if missing:
+                raise CsmcirError(
+                    f"{len(missing)} of {len(todo)} images to caption are missing, first: image {missing[0][0]!r} "
+                    f"at {missing[0][1]}: image file not found"
+                )
+        engine = make_backend(backend, model=model, root=str(dataset.root), template=template, **backend_kw)
+        counts = caption_images(ids, dataset.load_image, engine, template, store, batch_size=batch_size, progress=progress)
+    return {"out": str(out), "model": engine.model_id, "prompt": template.id, "shard": f"{shard[0]}/{shard[1]}", **counts}

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import CsmcirError, where
 from ..io import atomic_write_text
@@ -61,7 +62,7 @@ def read_store(path: str | Path, repair: bool = False) -> dict[str, dict]:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-        warnings.warn(f"{path}: cut off a truncated last line ({len(data) - end} bytes) left by a killed run")
+        warnings.warn(f"{path}: cut off a truncated last line ({len(data) - end} bytes) left by a killed run", stacklevel=2)
     out: dict[str, dict] = {}
     first: dict[str, int] = {}
     for lineno, line in enumerate(data[:end].decode("utf-8", errors="strict").splitlines(), start=1):
@@ -86,7 +87,7 @@ class CaptionStore:
         self.path = Path(path)
         self.records: dict[str, dict] = {}
 
-    def open(self) -> "CaptionStore":
+    def open(self) -> CaptionStore:
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ class CaptionStore:
             raise CsmcirError(f"cannot write caption store {self.path}: {e.strerror}") from None
         return self
 
-    def __enter__(self) -> "CaptionStore":
+    def __enter__(self) -> CaptionStore:
         return self.open()
 
     def __exit__(self, *exc) -> None:

@@ -29,12 +29,14 @@ from pathlib import Path
 from ..errors import CsmcirError
 from ..io import read_json
 from .custom import Triplet
+from .registry import DATASETS
 
 __all__ = ["BenchmarkCIR", "BenchmarkQuery", "BenchmarkSplit", "BENCHMARKS", "FASHIONIQ_CATEGORIES", "check_split", "load_benchmark"]
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 # whether each benchmark's protocol drops a query's reference image from its ranking
-REMOVES_REFERENCE = {"fashioniq": False, "cirr": True, "circo": False, "shoes": True}
+# from the one dataset registry (csmcir/data/registry.py)
+REMOVES_REFERENCE = {n: d.remove_reference for n, d in DATASETS.items() if d.layout == "benchmark"}
 
 
 @dataclass
@@ -157,14 +159,15 @@ def load_fashioniq_all(root: Path, split: str) -> BenchmarkSplit:
     categories' galleries, and each category's gallery kept for its protocol (a query is ranked
     within its own category)."""
     parts = {c: load_fashioniq(root, split, c) for c in FASHIONIQ_CATEGORIES}
-    queries = [
-        BenchmarkQuery(f"{c}/{q.id}", q.reference, q.text, q.targets, q.train_texts)
-        for c, b in parts.items()
-        for q in b.queries
-    ]
+    queries = [BenchmarkQuery(f"{c}/{q.id}", q.reference, q.text, q.targets, q.train_texts) for c, b in parts.items() for q in b.queries]
     gallery = list(dict.fromkeys(g for b in parts.values() for g in b.gallery))
     return BenchmarkSplit(
-        "fashioniq", split, queries, gallery, image_pattern="images/{id}.jpg", root=root,
+        "fashioniq",
+        split,
+        queries,
+        gallery,
+        image_pattern="images/{id}.jpg",
+        root=root,
         sub_galleries={c: b.gallery for c, b in parts.items()},
     )
 
@@ -416,7 +419,11 @@ class BenchmarkCIR:
         for q in b.queries:
             for image_id in (q.reference, *q.targets):
                 if image_id not in self._paths or not self._paths[image_id].is_file():
-                    raise CsmcirError(f"{self.name} {split}: image {image_id!r} of query {q.id!r} not found ({self._paths.get(image_id, 'no file listed')})")
+                    raise CsmcirError(
+                        f"{self.name} {split}: image {image_id!r} of query {q.id!r} not found ({self._paths.get(image_id, 'no file listed')})"
+                    )
         for image_id in b.gallery:
             if image_id not in self._paths or not self._paths[image_id].is_file():
-                raise CsmcirError(f"{self.name} {split}: gallery image {image_id!r} not found ({self._paths.get(image_id, 'no file listed')})")
+                raise CsmcirError(
+                    f"{self.name} {split}: gallery image {image_id!r} not found ({self._paths.get(image_id, 'no file listed')})"
+                )

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from ..errors import CsmcirError, where
 from ..io import atomic_write_text
@@ -90,9 +91,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 except json.JSONDecodeError as e:
                     raise CsmcirError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
-                    raise CsmcirError(
-                        f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                    )
+                    raise CsmcirError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 yield lineno, obj
         except UnicodeDecodeError as e:
             raise CsmcirError(f"{path}: not valid UTF-8 text ({e.reason})") from None
@@ -119,11 +118,7 @@ def _parse_triplet(obj: dict, path: Path, lineno: int) -> Triplet:
     if not isinstance(text, str):
         raise _field_error(path, lineno, qid, "text", "a string")
     targets = obj.get("targets")
-    if (
-        not isinstance(targets, list)
-        or not targets
-        or not all(isinstance(t, str) and t for t in targets)
-    ):
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise _field_error(path, lineno, qid, "targets", "a non-empty list of strings")
     if len(set(targets)) != len(targets):
         dup = next(t for i, t in enumerate(targets) if t in targets[:i])
@@ -179,10 +174,7 @@ def _read_gallery_numbered(path: Path) -> list[tuple[int, str]]:
         if not image_id:
             continue
         if image_id in first_line:
-            raise CsmcirError(
-                f"{where(path, lineno, image_id)}: duplicate image id "
-                f"(first on line {first_line[image_id]})"
-            )
+            raise CsmcirError(f"{where(path, lineno, image_id)}: duplicate image id (first on line {first_line[image_id]})")
         first_line[image_id] = lineno
         out.append((lineno, image_id))
     return out
@@ -198,9 +190,7 @@ def _parse_caption(obj: dict, path: Path, lineno: int) -> Caption | None:
     if obj.get("status") == "empty" and obj.get("final") == "":
         return None  # a captioner's empty answer (csmcir.captioning): the image counts as uncaptioned
     levels = obj.get("levels", {})
-    if not isinstance(levels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in levels.items()
-    ):
+    if not isinstance(levels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in levels.items()):
         raise _field_error(path, lineno, image_id, "levels", "an object of strings")
     final = obj.get("final")
     if not isinstance(final, str) or not final:
@@ -336,11 +326,7 @@ class CustomCIR:
 
     def splits(self) -> list[str]:
         """Splits with a ``triplets.<split>.jsonl``: train, val, test, heldout first, then A-Z."""
-        found = {
-            p.name[len("triplets.") : -len(".jsonl")]
-            for p in self.root.glob("triplets.*.jsonl")
-            if p.is_file()
-        }
+        found = {p.name[len("triplets.") : -len(".jsonl")] for p in self.root.glob("triplets.*.jsonl") if p.is_file()}
         found.discard("")
         return [s for s in KNOWN_SPLITS if s in found] + sorted(found - set(KNOWN_SPLITS))
 
@@ -410,9 +396,7 @@ class CustomCIR:
             raise CsmcirError(f"image {image_id!r} not found in {self.images_dir}")
         if image_id in self._ambiguous:
             names = ", ".join(sorted(p.name for p in self._ambiguous[image_id]))
-            raise CsmcirError(
-                f"image {image_id!r} is ambiguous in {self.images_dir}: several files ({names})"
-            )
+            raise CsmcirError(f"image {image_id!r} is ambiguous in {self.images_dir}: several files ({names})")
         return self._image_paths[image_id]  # type: ignore[index]
 
     def load_image(self, image_id: str):
@@ -440,18 +424,11 @@ class CustomCIR:
         for lineno, t in numbered:
             for image_id in (t.reference, *t.targets, *t.negatives):
                 if not self.has_image(image_id):
-                    raise CsmcirError(
-                        f"image {image_id!r} not found in {self.images_dir} "
-                        f"(query {t.id!r}, {tpath}:{lineno})"
-                    )
+                    raise CsmcirError(f"image {image_id!r} not found in {self.images_dir} (query {t.id!r}, {tpath}:{lineno})")
             for kind, image_id in [("target", x) for x in t.targets] + [("negative", x) for x in t.negatives]:
                 if image_id not in gallery:
-                    raise CsmcirError(
-                        f"{where(tpath, lineno, t.id)}: {kind} {image_id!r} is not in {gallery_path}"
-                    )
+                    raise CsmcirError(f"{where(tpath, lineno, t.id)}: {kind} {image_id!r} is not in {gallery_path}")
         for lineno, image_id in self._numbered_gallery(split):
             if not self.has_image(image_id):
-                raise CsmcirError(
-                    f"image {image_id!r} not found in {self.images_dir} ({gallery_path}:{lineno})"
-                )
+                raise CsmcirError(f"image {image_id!r} not found in {self.images_dir} ({gallery_path}:{lineno})")
         self._validated.add(split)

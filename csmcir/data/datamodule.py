@@ -8,15 +8,23 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ..config import TextConfig
 from ..errors import CsmcirError
-from .custom import CustomCIR
-from .datasets import EvalQueries, GalleryImages, TrainTriplets, collate
+from .datasets import EvalCollate, EvalQueries, GalleryImages, TrainTriplets, collate
+from .registry import dataset_info, dataset_names, open_dataset
 from .store import SplitStore
 
 
 class CIRDataModule(L.LightningDataModule):
     """Custom-format CIR data: ``root/images``, ``gallery.<split>.txt``, ``triplets.<split>.jsonl``,
-    ``captions.jsonl`` (see the README).
+    ``captions.jsonl`` (see the README), or a real benchmark in its release layout.
+
+    What the LightningModule reads of it, and nothing else: :attr:`text_config` (saved in
+    checkpoints), :attr:`train_store` (the training split in memory: teacher embeddings, bank
+    drift probes), :meth:`evaluators` (one scorer per evaluation split) and
+    :meth:`attach_feature_cache` (swap pixels for a frozen tower's cached features). Training
+    batches are :class:`~csmcir.data.batch.TrainBatch`, evaluation batches
+    :class:`~csmcir.data.batch.EvalBatch` (each names its split and kind).
 
     Args:
         root: dataset folder.
@@ -37,9 +45,13 @@ class CIRDataModule(L.LightningDataModule):
         target_text: ``caption`` (symmetric: target = image + its MCoT caption) or ``none``
             (asymmetric, SPRC-style: target = image + empty text).
         caption_levels: caption levels joined into the target text (``final`` = the final caption).
-        max_text_len: tokens kept per text (including [CLS] and [SEP]).
+        max_text_len: tokens kept per text (including [CLS] and [SEP]). Through the CLI it is the
+            model config's ``qformer.max_text_len`` (linked; change it there).
         tokenizer: ``minilm`` (bert-base-uncased vocabulary, shipped offline) or a local folder.
-        image_size: resize images to this side when loading (``null`` = keep; all must match).
+        image_size: resize images to this side when loading; ``null`` = the vision tower's input
+            side (``tower_image_size``, linked from the model config by the CLI), or the images'
+            own size when that is unset too (all must then match).
+        tower_image_size: the vision tower's input side; set by the CLI from the model config.
         missing_caption: ``error`` (name the first image without caption) or ``empty``.
         hard_negatives: listed hard negatives (``negatives`` in the triplets) encoded per training
             query as extra InfoNCE negatives, beside the in-batch ones; 0 turns them off.
@@ -72,6 +84,7 @@ class CIRDataModule(L.LightningDataModule):
         max_text_len: int = 64,
         tokenizer: str = "minilm",
         image_size: int | None = None,
+        tower_image_size: int | None = None,
         missing_caption: str = "error",
         hard_negatives: int = 0,
         reference_negative: bool = True,
@@ -83,14 +96,21 @@ class CIRDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if dataset not in ("custom", "fashioniq", "cirr", "shoes"):
-            raise CsmcirError(f"data.dataset must be custom, fashioniq, cirr or shoes, got {dataset!r} (CIRCO is evaluation only)")
-        if dataset != "custom" and synthetic:
+        trainable = dataset_names(trainable=True)
+        if dataset not in trainable:
+            raise CsmcirError(f"data.dataset must be one of {', '.join(trainable)}, got {dataset!r} (CIRCO is evaluation only)")
+        if dataset_info(dataset).layout != "custom" and synthetic:
             raise CsmcirError(f"data.dataset={dataset} reads a real benchmark: set data.synthetic=false")
+        self.text_config = TextConfig(
+            tokenizer=tokenizer,
+            max_text_len=max_text_len,
+            target_text=target_text,
+            caption_levels=tuple(caption_levels),
+            image_size=image_size or tower_image_size,
+        )
         self.stores: dict[str, SplitStore] = {}
         self._teacher_cache: dict[str, tuple] = {}  # store folder -> (id -> row, embeddings)
         self._dataset = None
-        self._eval_specs: dict[str, list[tuple[str, str]]] = {}
 
     # -- preparation -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -104,40 +124,78 @@ class CIRDataModule(L.LightningDataModule):
             raise CsmcirError(f"data.root {root} is missing or empty (set data.synthetic=true to generate the synthetic benchmark)")
 
     def dataset(self):
-        """The dataset object (:class:`CustomCIR` or :class:`~csmcir.data.benchmarks.BenchmarkCIR`)."""
+        """The dataset object (:class:`~csmcir.data.custom.CustomCIR` or
+        :class:`~csmcir.data.benchmarks.BenchmarkCIR`), opened once."""
         h = self.hparams
-        if h.dataset == "custom":
-            return CustomCIR(h.root, h.captions)
         if self._dataset is None:
-            from .benchmarks import BenchmarkCIR
-
-            self._dataset = BenchmarkCIR(h.dataset, h.root, h.category, h.captions)
+            self._dataset = open_dataset(h.dataset, h.root, h.category, h.captions)
         return self._dataset
 
     @property
     def remove_reference(self) -> bool:
         """Whether rankings leave each query's reference out (custom, CIRR, Shoes; not FashionIQ)."""
-        return self.dataset().remove_reference
+        return dataset_info(self.hparams.dataset).remove_reference
 
     def benchmark_split(self, split: str):
         """The :class:`~csmcir.data.benchmarks.BenchmarkSplit` of a real benchmark, else ``None``."""
-        return None if self.hparams.dataset == "custom" else self.dataset().split(split)
+        return self.dataset().split(split) if dataset_info(self.hparams.dataset).official_protocol else None
+
+    @property
+    def train_store(self) -> SplitStore | None:
+        """The training split in memory (after ``setup("fit")``), else ``None``."""
+        return self.stores.get(self.hparams.train_split)
+
+    def evaluators(self, stage: str, ks=(1, 5, 10, 50)) -> dict:
+        """One :class:`~csmcir.retrieval.evaluate.SplitEvaluator` per split ``stage`` scores
+        (``validate``: the val split, logged as ``val/...``; ``test``: every test split, the
+        first as ``test/...``, the others as ``test/<split>/...``)."""
+        from ..retrieval.evaluate import SplitEvaluator
+
+        h = self.hparams
+        splits = [h.val_split] if stage == "validate" else list(h.test_splits)
+        prefix = "val" if stage == "validate" else "test"
+        return {
+            split: SplitEvaluator(
+                self.stores[split],
+                prefix if i == 0 else f"{prefix}/{split}",
+                ks=tuple(ks),
+                exclude_reference=self.remove_reference,
+                benchmark_split=self.benchmark_split(split),
+            )
+            for i, split in enumerate(splits)
+        }
+
+    def attach_feature_cache(self, cache, encode, device, batch_size: int | None = None, is_global_zero: bool = True, barrier=None) -> None:
+        """Replace each loaded split's pixels by the frozen tower's features from ``cache`` (a
+        :class:`~csmcir.data.feature_cache.FeatureCache`), encoding with ``encode(pixels)`` what
+        is not cached yet. Under DDP rank 0 writes and the other ranks read after ``barrier()``."""
+        import torch
+
+        for split, store in self.stores.items():
+            if store.images.dim() != 4:  # features already
+                continue
+            with torch.no_grad():
+                shape = tuple(encode(store.images[:1].to(device)).shape[1:])
+            kw = dict(
+                split=split,
+                ids=store.image_ids,
+                shape=shape,
+                load=lambda rows, s=store: s.images[rows].to(device),
+                encode=encode,
+                batch_size=max(1, batch_size or self.hparams.eval_batch_size),
+            )
+            if is_global_zero:
+                feats = cache.features(**kw)
+            if barrier is not None:
+                barrier()
+            if not is_global_zero:
+                feats = cache.features(**kw, write=False)
+            store.images = feats
 
     def _store(self, split: str) -> SplitStore:
         if split not in self.stores:
-            from ..tokenizer import load_tokenizer
-
             h = self.hparams
-            self.stores[split] = SplitStore.build(
-                self.dataset(),
-                split,
-                load_tokenizer(h.tokenizer),
-                h.max_text_len,
-                target_text=h.target_text,
-                caption_levels=tuple(h.caption_levels),
-                image_size=h.image_size,
-                missing_caption=h.missing_caption,
-            )
+            self.stores[split] = SplitStore.build(self.dataset(), split, self.text_config, missing_caption=h.missing_caption)
             if h.teacher or h.teacher_gallery:
                 self._attach_teacher(self.stores[split], required=split == h.train_split)
         return self.stores[split]
@@ -151,8 +209,10 @@ class CIRDataModule(L.LightningDataModule):
         from ..teacher import read_teacher_store
 
         h = self.hparams
-        for path, ids, attr in ((h.teacher, [t.id for t in store.triplets], "teacher_query"),
-                                (h.teacher_gallery, store.image_ids, "teacher_image")):
+        for path, ids, attr in (
+            (h.teacher, [t.id for t in store.triplets], "teacher_query"),
+            (h.teacher_gallery, store.image_ids, "teacher_image"),
+        ):
             if not path:
                 continue
             if path not in self._teacher_cache:
@@ -162,8 +222,10 @@ class CIRDataModule(L.LightningDataModule):
             missing = [i for i in ids if i not in pos]
             if missing:
                 if required:
-                    raise CsmcirError(f"teacher store {path} has no embedding for {missing[0]!r} "
-                                      f"({len(missing)} of split '{store.split}' missing; run `csmcir teacher` on it)")
+                    raise CsmcirError(
+                        f"teacher store {path} has no embedding for {missing[0]!r} "
+                        f"({len(missing)} of split '{store.split}' missing; run `csmcir teacher` on it)"
+                    )
                 continue
             setattr(store, attr, emb[torch.tensor([pos[i] for i in ids])])
 
@@ -178,17 +240,6 @@ class CIRDataModule(L.LightningDataModule):
             for s in h.test_splits:
                 self._store(s)
 
-    def text_settings(self) -> dict:
-        """What inference needs to encode text the way training did (saved in checkpoints)."""
-        h = self.hparams
-        return {
-            "tokenizer": h.tokenizer,
-            "max_text_len": h.max_text_len,
-            "target_text": h.target_text,
-            "caption_levels": list(h.caption_levels),
-            "image_size": h.image_size,
-        }
-
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self):
         return DataLoader(
@@ -201,24 +252,25 @@ class CIRDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
-    def _eval_loaders(self, stage: str, splits: list[str]):
-        loaders, specs = [], []
+    def _eval_loaders(self, splits: list[str]):
+        """A gallery loader and a query loader per split; their batches name split and kind."""
+        loaders = []
         for split in splits:
             store = self.stores[split]
-            for kind, ds in (("gallery", GalleryImages(store)), ("queries", EvalQueries(store))):
+            for ds in (GalleryImages(store), EvalQueries(store)):
                 loaders.append(
-                    DataLoader(ds, batch_size=self.hparams.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=self.hparams.num_workers)
+                    DataLoader(
+                        ds,
+                        batch_size=self.hparams.eval_batch_size,
+                        shuffle=False,
+                        collate_fn=EvalCollate(split, ds.kind),
+                        num_workers=self.hparams.num_workers,
+                    )
                 )
-                specs.append((split, kind))
-        self._eval_specs[stage] = specs
         return loaders
 
-    def eval_specs(self, stage: str) -> list[tuple[str, str]]:
-        """``(split, kind)`` of each evaluation dataloader of ``stage`` (kind: gallery | queries)."""
-        return self._eval_specs[stage]
-
     def val_dataloader(self):
-        return self._eval_loaders("validate", [self.hparams.val_split])
+        return self._eval_loaders([self.hparams.val_split])
 
     def test_dataloader(self):
-        return self._eval_loaders("test", list(self.hparams.test_splits))
+        return self._eval_loaders(list(self.hparams.test_splits))

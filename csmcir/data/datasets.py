@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from .batch import EvalBatch, TrainBatch
 from .store import SplitStore
 
 
@@ -71,6 +72,8 @@ class TrainTriplets(Dataset):
 class GalleryImages(Dataset):
     """Target side of evaluation: each gallery image with its caption."""
 
+    kind = "gallery"
+
     def __init__(self, store: SplitStore):
         self.s = store
 
@@ -79,11 +82,13 @@ class GalleryImages(Dataset):
 
     def __getitem__(self, j):
         r = int(self.s.gallery_rows[j])
-        return {"image": self.s.images[r], "caption_ids": self.s.caption_ids[r], "caption_len": self.s.caption_lengths[r], "index": j}
+        return {"pixels": self.s.images[r], "text_ids": self.s.caption_ids[r], "text_len": self.s.caption_lengths[r], "index": j}
 
 
 class EvalQueries(Dataset):
     """Query side of evaluation: reference image + modification text."""
+
+    kind = "queries"
 
     def __init__(self, store: SplitStore):
         self.s = store
@@ -93,7 +98,7 @@ class EvalQueries(Dataset):
 
     def __getitem__(self, i):
         r = int(self.s.ref_rows[i])
-        return {"ref": self.s.images[r], "query_ids": self.s.query_ids[i], "query_len": self.s.query_lengths[i], "index": i}
+        return {"pixels": self.s.images[r], "text_ids": self.s.query_ids[i], "text_len": self.s.query_lengths[i], "index": i}
 
 
 def _cut_texts(batch: dict, prefixes: tuple[str, ...]) -> None:
@@ -108,10 +113,23 @@ def _cut_texts(batch: dict, prefixes: tuple[str, ...]) -> None:
         batch[f"{p}_mask"] = (torch.arange(n) < lengths[..., None]).long()
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack, then cut token tensors to the longest text in the batch and build attention masks."""
+def collate(items: list[dict]) -> TrainBatch:
+    """Stack training items, cut token tensors to the longest text of their group (the query
+    texts; the target-side texts, which share one Q-Former pass) and build attention masks."""
     batch = torch.utils.data.default_collate(items)
     _cut_texts(batch, ("query",))
-    # target-side texts (targets, hard negatives, reference negatives) share one Q-Former pass
     _cut_texts(batch, ("caption", "neg_caption", "ref_caption"))
-    return batch
+    return TrainBatch(**batch)
+
+
+class EvalCollate:
+    """The collate of an evaluation loader of ``split`` (``kind``: gallery or queries); a class,
+    not a closure, so that worker processes can pickle it."""
+
+    def __init__(self, split: str, kind: str):
+        self.split, self.kind = split, kind
+
+    def __call__(self, items: list[dict]) -> EvalBatch:
+        batch = torch.utils.data.default_collate(items)
+        _cut_texts(batch, ("text",))
+        return EvalBatch(split=self.split, kind=self.kind, **batch)

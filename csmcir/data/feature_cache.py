@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -61,9 +61,17 @@ class FeatureCache:
         stem = self.dir / f"{split}-{digest}"
         return Path(f"{stem}.f16"), Path(f"{stem}.ids.txt"), Path(f"{stem}.done.npy")
 
-    def features(self, split: str, ids: list[str], shape: tuple[int, int], load: Callable[[list[int]], torch.Tensor],
-                 encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64, progress: bool = True,
-                 write: bool = True) -> torch.Tensor:
+    def features(
+        self,
+        split: str,
+        ids: list[str],
+        shape: tuple[int, int],
+        load: Callable[[list[int]], torch.Tensor],
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int = 64,
+        progress: bool = True,
+        write: bool = True,
+    ) -> torch.Tensor:
         """``[len(ids), tokens, width]`` float16 features, memory-mapped, computing missing rows.
 
         ``load(rows)`` gives the pixels of those rows; ``encode(pixels)`` the tower's features.
@@ -77,8 +85,10 @@ class FeatureCache:
             os.replace(tmp, id_file)
         expected = n * tokens * width * 2
         if data.is_file() and data.stat().st_size != expected:
-            raise CsmcirError(f"{data} holds {data.stat().st_size} bytes, expected {expected} for {n} images of "
-                              f"{tokens}x{width} features: delete it to rebuild the cache")
+            raise CsmcirError(
+                f"{data} holds {data.stat().st_size} bytes, expected {expected} for {n} images of "
+                f"{tokens}x{width} features: delete it to rebuild the cache"
+            )
         if not write:
             if not data.is_file() or not done_file.is_file() or not np.load(done_file).all():
                 raise CsmcirError(f"feature cache {data} is incomplete")
@@ -88,8 +98,14 @@ class FeatureCache:
         if done.shape != (n,):
             raise CsmcirError(f"{done_file} does not match {id_file}: delete both to rebuild the cache")
         todo = np.flatnonzero(~done)
-        with tqdm(total=n, initial=n - len(todo), desc=f"feature cache ({split})", unit="img", disable=not progress or not len(todo),
-                  mininterval=1.0) as bar:
+        with tqdm(
+            total=n,
+            initial=n - len(todo),
+            desc=f"feature cache ({split})",
+            unit="img",
+            disable=not progress or not len(todo),
+            mininterval=1.0,
+        ) as bar:
             for s in range(0, len(todo), batch_size):
                 rows = todo[s : s + batch_size].tolist()
                 with torch.no_grad():

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import TextConfig
 from ..errors import CsmcirError
 from .custom import CustomCIR, Triplet
-
-TARGET_TEXT_MODES = ("caption", "none")
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +55,7 @@ def load_images(dataset: CustomCIR, ids: list[str], image_size: int | None, desc
         arrays = list(tqdm(pool.map(one, ids), total=len(ids), desc=desc, unit="img", leave=False, mininterval=1.0))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise CsmcirError(
-            f"images under {dataset.root / 'images'} differ in size ({sorted(shapes)[:3]}...): set data.image_size"
-        )
+        raise CsmcirError(f"images under {dataset.root / 'images'} differ in size ({sorted(shapes)[:3]}...): set data.image_size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -109,15 +106,15 @@ class SplitStore:
         cls,
         dataset: CustomCIR,
         split: str,
-        tokenizer,
-        max_text_len: int,
-        target_text: str = "caption",
-        caption_levels: tuple[str, ...] = ("final",),
-        image_size: int | None = None,
+        text: TextConfig | None = None,
         missing_caption: str = "error",
-    ) -> "SplitStore":
-        if target_text not in TARGET_TEXT_MODES:
-            raise CsmcirError(f"target_text must be one of {TARGET_TEXT_MODES}, got {target_text!r}")
+    ) -> SplitStore:
+        """Decode and tokenise ``split`` of ``dataset`` as ``text`` says (default :class:`TextConfig`)."""
+        from ..tokenizer import load_tokenizer
+
+        text = TextConfig() if text is None else text
+        tokenizer, max_text_len, target_text = load_tokenizer(text.tokenizer), text.max_text_len, text.target_text
+        caption_levels, image_size = text.caption_levels, text.image_size
         dataset.validate(split)
         triplets = dataset.triplets(split)
         gallery = dataset.gallery(split)
@@ -153,7 +150,7 @@ class SplitStore:
                     )
                 import warnings
 
-                warnings.warn(f"{len(missing)} images of split '{split}' have no caption: using empty captions")
+                warnings.warn(f"{len(missing)} images of split '{split}' have no caption: using empty captions", stacklevel=2)
         else:
             texts = [""] * len(ids)
         caption_ids, caption_lengths = tokenize(tokenizer, texts, max_text_len)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def peak_rss_mib() -> float:
@@ -46,7 +46,7 @@ class TrainSpeed(L.Callback):
         if self._steps <= self.skip_steps:
             return
         self._train_time += time.perf_counter() - self._t
-        self._samples += int(batch["ref"].shape[0]) * trainer.world_size
+        self._samples += len(batch) * trainer.world_size
         if self._train_time > 0 and self._steps % 50 == 0:
             pl_module.log("train/samples_per_s", self._samples / self._train_time, rank_zero_only=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from ..config import get_model_config
 from ..data.datamodule import CIRDataModule
 from ..errors import CsmcirError
 from .callbacks import LastCheckpoint, TrainSpeed
@@ -37,6 +38,9 @@ class CsmcirCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser):
+        # data fields that must agree with the model come from the model config, in one place
+        parser.link_arguments(("model.net.model", "model.net.overrides"), "data.max_text_len", compute_fn=_model_max_text_len)
+        parser.link_arguments(("model.net.model", "model.net.overrides"), "data.tower_image_size", compute_fn=_model_image_size)
         # Always-on callbacks, each configurable under its own key (e.g. --checkpoint_last.every_n_train_steps 50).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint_best")
         parser.set_defaults(
@@ -69,6 +73,25 @@ class CsmcirCLI(LightningCLI):
         except ValueError as e:
             raise CsmcirError(f"invalid configuration: {e}") from None
 
+    def _parse_ckpt_path(self) -> None:
+        # --ckpt_path reads the module's hyper-parameters back from the checkpoint: refuse one of
+        # another format in one line before LightningCLI fails to parse them
+        from pathlib import Path
+
+        import torch
+
+        from ..inference import check_checkpoint_format
+
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and Path(path).is_file():
+            try:
+                ckpt = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as e:  # noqa: BLE001 - unreadable means not a checkpoint
+                raise CsmcirError(f"{path} is not a readable checkpoint: {str(e).strip().splitlines()[0][:200]}") from None
+            check_checkpoint_format(ckpt, path, resumable=True)
+        super()._parse_ckpt_path()
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         # Checkpoints go straight into default_root_dir (not into the logger's version_N folder),
@@ -91,3 +114,13 @@ def run_lightning_cli(args: list[str]) -> None:
         CsmcirCLI()
     finally:
         sys.argv = saved
+
+
+def _model_max_text_len(model: str, overrides) -> int:
+    """``data.max_text_len`` = the model config's ``qformer.max_text_len``."""
+    return get_model_config(model, overrides).qformer.max_text_len
+
+
+def _model_image_size(model: str, overrides) -> int:
+    """``data.tower_image_size`` = the vision tower's input side."""
+    return get_model_config(model, overrides).vision.image_size

@@ -73,8 +73,9 @@ class ShardWriter(BasePredictionWriter):
         name = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
         path = self.out / f"part-{name}.safetensors"
         tmp = self.out / f".part-{name}.{os.getpid()}.tmp"
-        save_file({"embeddings": np.ascontiguousarray(prediction["embeddings"], dtype=np.float32)}, str(tmp),
-                  metadata={"ids": json.dumps(ids)})
+        save_file(
+            {"embeddings": np.ascontiguousarray(prediction["embeddings"], dtype=np.float32)}, str(tmp), metadata={"ids": json.dumps(ids)}
+        )
         os.replace(tmp, path)
 
 
@@ -92,13 +93,27 @@ def done_ids(folder: str | Path) -> set[str]:
             with safe_open(str(p), "numpy") as f:
                 out.update(json.loads(f.metadata()["ids"]))
         except Exception as e:  # noqa: BLE001 - a damaged part is named, whatever safetensors raised
-            raise CsmcirError(f"{p} is not a readable embedding part ({type(e).__name__}: {e}); delete it and rerun to redo its items") from None
+            raise CsmcirError(
+                f"{p} is not a readable embedding part ({type(e).__name__}: {e}); delete it and rerun to redo its items"
+            ) from None
     return out
 
 
-def embed_sharded(encoder, dataset, ids: list[str], texts: list[str], out: str | Path, info: dict, batch_size: int = 256,
-                  accelerator: str = "auto", devices="auto", num_nodes: int = 1, strategy: str = "auto",
-                  num_workers: int = 2, progress: bool = True) -> dict:
+def embed_sharded(
+    encoder,
+    dataset,
+    ids: list[str],
+    texts: list[str],
+    out: str | Path,
+    info: dict,
+    batch_size: int = 256,
+    accelerator: str = "auto",
+    devices="auto",
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    num_workers: int = 2,
+    progress: bool = True,
+) -> dict:
     """Embed (image ``ids[i]``, ``texts[i]``) pairs into shard parts in ``out`` with ``Trainer.predict``.
 
     ``info`` (checkpoint, split, ...) is kept in ``store.json``; a folder made for other info is
@@ -121,11 +136,25 @@ def embed_sharded(encoder, dataset, ids: list[str], texts: list[str], out: str |
     counts = {"items": len(ids), "already_done": len(ids) - len(todo), "embedded": len(todo)}
     if not todo:
         return counts
-    loader = DataLoader(_Pairs(dataset, [ids[i] for i in todo], [texts[i] for i in todo]), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
-    trainer = Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
-                      enable_checkpointing=False, enable_model_summary=False, callbacks=[ShardWriter(folder)],
-                      enable_progress_bar=progress)
+    loader = DataLoader(
+        _Pairs(dataset, [ids[i] for i in todo], [texts[i] for i in todo]),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ShardWriter(folder)],
+        enable_progress_bar=progress,
+    )
     trainer.predict(EmbedModule(encoder), dataloaders=loader, return_predictions=False)
     return counts
 

@@ -75,7 +75,9 @@ def info_nce(
 class InfoNCELoss(nn.Module):
     """InfoNCE with a learnable temperature (CLIP-style ``logit_scale``, clamped)."""
 
-    def __init__(self, init_temperature: float = 0.07, learn_temperature: bool = True, max_scale: float = 100.0, bidirectional: bool = False):
+    def __init__(
+        self, init_temperature: float = 0.07, learn_temperature: bool = True, max_scale: float = 100.0, bidirectional: bool = False
+    ):
         super().__init__()
         t = torch.tensor(1.0 / init_temperature).log()
         self.logit_scale = nn.Parameter(t) if learn_temperature else nn.Buffer(t)

@@ -31,14 +31,36 @@ The bank never imports Lightning; the LightningModule gathers embeddings across 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["MemoryBank", "bank_nce"]
+__all__ = ["MemoryBank", "MemoryBankConfig", "bank_nce"]
 
 
-def bank_nce(query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor, bank_bias: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+@dataclass
+class MemoryBankConfig:
+    """The options of :class:`MemoryBank` (``model.memory_bank`` in YAML); see its docstring.
+    The defaults are the entropy + temporal bank."""
+
+    capacity: int = 4096
+    max_age: int | None = 200
+    half_life: float | None = 100.0
+    min_fraction: float = 0.25
+    drift_every: int = 50
+    drift_sample: int = 64
+    momentum: float | None = None
+    weight: float = 1.0
+    momentum_keys: str = "tower"
+
+    def build(self, dim: int) -> MemoryBank:
+        return MemoryBank(dim, **asdict(self))
+
+
+def bank_nce(
+    query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor, bank_bias: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """InfoNCE of each query against its momentum key (the positive) and the bank entries:
     ``-log softmax([s q.k, s q.m_j + bias_j])[0]``, averaged; ``s = exp(logit_scale)``.
 
@@ -79,9 +101,19 @@ class MemoryBank(nn.Module):
             the synthetic fit did not learn, so :class:`CIRModule` refuses that combination.
     """
 
-    def __init__(self, dim: int, capacity: int = 4096, max_age: int | None = 200, half_life: float | None = 100.0,
-                 min_fraction: float = 0.25, drift_every: int = 50, drift_sample: int = 64, momentum: float | None = None,
-                 weight: float = 1.0, momentum_keys: str = "tower"):
+    def __init__(
+        self,
+        dim: int,
+        capacity: int = 4096,
+        max_age: int | None = 200,
+        half_life: float | None = 100.0,
+        min_fraction: float = 0.25,
+        drift_every: int = 50,
+        drift_sample: int = 64,
+        momentum: float | None = None,
+        weight: float = 1.0,
+        momentum_keys: str = "tower",
+    ):
         super().__init__()
         if momentum is not None and not 0 <= momentum < 1:
             raise ValueError("memory bank momentum must be in [0, 1) or null")
@@ -143,7 +175,9 @@ class MemoryBank(nn.Module):
         return -age / self.half_life * math.log(2.0)
 
     # -- the loss' extra negatives ----------------------------------------------------------
-    def bias(self, query: torch.Tensor, scale: float, all_targets: torch.Tensor, step: int, batch_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def bias(
+        self, query: torch.Tensor, scale: float, all_targets: torch.Tensor, step: int, batch_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[B, capacity]`` additive bias for the bank's logits ``scale * query @ emb.T``:
         ``log w_j`` for selected entries, ``-inf`` for empty, evicted, false-negative or
         unselected ones. ``batch_logits [B, Bt]`` (the in-batch logits, ``-inf`` where masked)

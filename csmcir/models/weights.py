@@ -89,13 +89,27 @@ def map_bert(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list
     return out, unused
 
 
-_EVA_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv", "attn.q_bias": "self_attn.q_bias",
-              "attn.v_bias": "self_attn.v_bias", "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-_EVA_KEY = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$|^blocks\.(\d+)\.(attn\.q_bias|attn\.v_bias)$")
+_EVA_BLOCK = {
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+    "attn.qkv": "self_attn.qkv",
+    "attn.q_bias": "self_attn.q_bias",
+    "attn.v_bias": "self_attn.v_bias",
+    "attn.proj": "self_attn.projection",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_EVA_KEY = re.compile(
+    r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$|^blocks\.(\d+)\.(attn\.q_bias|attn\.v_bias)$"
+)
 
 
-_EVA_TOP = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-            "patch_embed.proj.weight": "embeddings.patch_embedding.weight", "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
+_EVA_TOP = {
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding",
+    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+}
 
 
 def _eva_key(key: str) -> str | None:
@@ -127,7 +141,7 @@ def map_lavis(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], lis
     out, unused = {}, []
     for k, v in sd.items():
         if k.startswith("Qformer.bert."):
-            key = _bert_body(k[len("Qformer.bert."):])
+            key = _bert_body(k[len("Qformer.bert.") :])
         elif k == "query_tokens":
             key = "query_tokens"
         elif k.startswith("vision_proj."):
@@ -154,7 +168,7 @@ def map_hf_blip2(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         elif k.startswith("vision_projection."):
             out["proj." + k.split(".", 1)[1]] = v
         elif k.startswith("vision_model."):  # BLIP-2's EVA ViT, for a blip2_vit tower of the same sizes
-            out["vision.model." + k[len("vision_model."):]] = v
+            out["vision.model." + k[len("vision_model.") :]] = v
         else:
             unused.append(k)
     _fold_qkv_bias(out)
@@ -167,7 +181,7 @@ def map_hf_clip(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], l
         if k.endswith("position_ids"):
             unused.append(k)
         elif k.startswith("vision_model."):  # a CLIPModel (hub layout)
-            out["vision.model." + k[len("vision_model."):]] = v
+            out["vision.model." + k[len("vision_model.") :]] = v
         elif k.split(".", 1)[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):  # a CLIPVisionModel
             out["vision.model." + k] = v
         else:
@@ -237,8 +251,9 @@ _BERT_RANDOM = re.compile(r"^(query_tokens|proj\.|qformer\.encoder\.layer\.\d+\.
 _MAPPERS = {"bert": map_bert, "lavis": map_lavis, "hf_blip2": map_hf_blip2, "hf_clip": map_hf_clip, "efficientnet": map_efficientnet}
 
 
-def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]], path: str | None = None,
-                    allow_partial: bool = False) -> dict[str, list[str]]:
+def load_pretrained(
+    model: torch.nn.Module, source: str | list[tuple[str, str]], path: str | None = None, allow_partial: bool = False
+) -> dict[str, list[str]]:
     """Copy mapped weights into ``model`` (a :class:`CIRDualTower`); returns the report
     ``{"loaded", "missing", "unused"}``. ``source``/``path`` name one checkpoint; a list of
     ``(source, path)`` pairs merges several. See the module docstring for the rules."""
@@ -261,8 +276,7 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
             qformer_sources.add(src)
         if src == "efficientnet" and not any(k in own for k in m):
             kind = getattr(getattr(getattr(model, "cfg", None), "vision", None), "kind", "?")
-            raise CsmcirError(f"{pth}: the efficientnet source fills a vision.kind efficientnet_lite0 tower, "
-                              f"but this model's is {kind!r}")
+            raise CsmcirError(f"{pth}: the efficientnet source fills a vision.kind efficientnet_lite0 tower, but this model's is {kind!r}")
         mapped.update(m)
         unused += u
     where = ", ".join(str(p) for _, p in pairs)
@@ -270,8 +284,10 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
         if k not in own:
             unused.append(k)
         elif own[k].shape != v.shape:
-            raise CsmcirError(f"{where}: {k} has shape {tuple(v.shape)} but the model's is {tuple(own[k].shape)} "
-                              f"(set the model sizes to the checkpoint's)")
+            raise CsmcirError(
+                f"{where}: {k} has shape {tuple(v.shape)} but the model's is {tuple(own[k].shape)} "
+                f"(set the model sizes to the checkpoint's)"
+            )
     loaded = sorted(k for k in mapped if k in own)
     missing = []
     vision = [k for k in own if k.startswith("vision.")]
@@ -283,8 +299,10 @@ def load_pretrained(model: torch.nn.Module, source: str | list[tuple[str, str]],
     missing.sort()
     if missing and not allow_partial:
         part = "vision" if missing[0].startswith("vision.") else "Q-Former"
-        raise CsmcirError(f"{where}: {len(missing)} {part} weights missing from the {'+'.join(s for s, _ in pairs)} checkpoint, "
-                          f"first {missing[0]!r} (allow_partial loads the rest)")
+        raise CsmcirError(
+            f"{where}: {len(missing)} {part} weights missing from the {'+'.join(s for s, _ in pairs)} checkpoint, "
+            f"first {missing[0]!r} (allow_partial loads the rest)"
+        )
     with torch.no_grad():
         for k in loaded:
             own[k].copy_(mapped[k].to(own[k].dtype))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..io import atomic_write_json, atomic_write_text, ensure_writable_dir
 
@@ -99,13 +99,30 @@ def write_report(
         for rank, (image_id, score) in enumerate(q["hits"], start=1):
             cap = captions.get(image_id)
             levels = [] if cap is None else [[k, highlight(v, words)] for k, v in cap.levels.items()]
-            hits.append({"id": image_id, "rank": rank, "score": round(float(score), 4), "thumb": "thumbs/" + shown[image_id],
-                         "gt": image_id in targets, "final": "" if cap is None else highlight(cap.final, words), "levels": levels})
+            hits.append(
+                {
+                    "id": image_id,
+                    "rank": rank,
+                    "score": round(float(score), 4),
+                    "thumb": "thumbs/" + shown[image_id],
+                    "gt": image_id in targets,
+                    "final": "" if cap is None else highlight(cap.final, words),
+                    "levels": levels,
+                }
+            )
         first = next((h["rank"] for h in hits if h["gt"]), None)
-        records.append({"id": q["id"], "text": html.escape(q["text"]), "group": q.get("group") or "all",
-                        "reasoning": html.escape(q.get("reasoning") or ""),
-                        "reference": {"id": q["reference"], "thumb": "thumbs/" + shown[q["reference"]]},
-                        "targets": list(q["targets"]), "first_hit": first, "hits": hits})
+        records.append(
+            {
+                "id": q["id"],
+                "text": html.escape(q["text"]),
+                "group": q.get("group") or "all",
+                "reasoning": html.escape(q.get("reasoning") or ""),
+                "reference": {"id": q["reference"], "thumb": "thumbs/" + shown[q["reference"]]},
+                "targets": list(q["targets"]),
+                "first_hit": first,
+                "hits": hits,
+            }
+        )
     data = {"title": title, "metrics": metrics, "groups": group_metrics, "queries": records}
     # a <script> (not fetch) so the page works from file://; "</" cannot end the script early
     atomic_write_text(out / "data.js", "window.REPORT = " + json.dumps(data).replace("</", "<\\/") + ";\n")

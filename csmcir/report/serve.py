@@ -40,19 +40,21 @@ class SearchApp:
     """The state behind the server: encoder, index, gallery images and captions."""
 
     def __init__(self, index_dir: str | Path, ckpt: str | Path, device: str = "auto", k: int = 10, max_upload_mb: float = 10.0):
-        from ..cli import _open_dataset
         from ..data.custom import read_captions
+        from ..data.registry import open_dataset
         from ..inference import Encoder
         from ..retrieval.index import GalleryIndex
 
         self.index = GalleryIndex.load(index_dir)
         self.encoder = Encoder.from_checkpoint(ckpt, device)
         if self.index.dim != self.encoder.dim:
-            raise CsmcirError(f"index {index_dir} holds {self.index.dim}-d embeddings but checkpoint {ckpt} makes {self.encoder.dim}-d ones")
+            raise CsmcirError(
+                f"index {index_dir} holds {self.index.dim}-d embeddings but checkpoint {ckpt} makes {self.encoder.dim}-d ones"
+            )
         info = self.index.info
         if "root" not in info or "dataset" not in info:
             raise CsmcirError(f"{index_dir}: index_info.json names no dataset root (re-run `csmcir index`)")
-        self.dataset = _open_dataset(info["dataset"], info["root"], info.get("category"))
+        self.dataset = open_dataset(info["dataset"], info["root"], info.get("category"))
         if "split" in info:
             self.dataset.gallery(info["split"])  # real benchmarks resolve image paths per split
         self.ids = self.index.ids
@@ -65,12 +67,14 @@ class SearchApp:
     # -- pages --------------------------------------------------------------------------------
     def form(self, message: str = "", text: str = "") -> str:
         err = f"<p class='error' id='error'>{html.escape(message)}</p>" if message else ""
-        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>csmcir search</title>"
-                f"<link rel='icon' href='data:,'>{_STYLE}</head><body><h1>csmcir search</h1>{err}"
-                "<form method='post' action='/search' enctype='multipart/form-data'>"
-                "<p>reference image <input type='file' name='image' id='image' accept='image/*' required></p>"
-                f"<p>modification text <input type='text' name='text' id='text' size='60' required value='{html.escape(text, quote=True)}'></p>"
-                f"<p><button type='submit' id='go'>search</button> ({len(self.ids)} gallery images)</p></form>")
+        return (
+            f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>csmcir search</title>"
+            f"<link rel='icon' href='data:,'>{_STYLE}</head><body><h1>csmcir search</h1>{err}"
+            "<form method='post' action='/search' enctype='multipart/form-data'>"
+            "<p>reference image <input type='file' name='image' id='image' accept='image/*' required></p>"
+            f"<p>modification text <input type='text' name='text' id='text' size='60' required value='{html.escape(text, quote=True)}'></p>"
+            f"<p><button type='submit' id='go'>search</button> ({len(self.ids)} gallery images)</p></form>"
+        )
 
     def results(self, image, text: str) -> str:
         q = self.encoder.encode([image], [text])
@@ -81,11 +85,16 @@ class SearchApp:
         for rank, (i, s) in enumerate(zip(ids[0], scores[0]), start=1):
             cap = self.captions.get(i)
             caption = "" if cap is None else highlight(cap.final, words)
-            cards.append(f"<div class='card hit' data-id='{html.escape(i, quote=True)}'><img src='/image/{self.row[i]}' alt='{html.escape(i, quote=True)}'>"
-                         f"<div>#{rank} {float(s):.3f} {html.escape(i)}</div><div>{caption}</div></div>")
-        return (self.form(text=text) + f"<h2>results for &ldquo;{html.escape(text)}&rdquo;</h2><div class='row'>"
-                f"<div class='card ref'><img src='data:image/png;base64,{ref}' alt='reference'><div>reference</div></div>"
-                + "".join(cards) + "</div></body></html>")
+            cards.append(
+                f"<div class='card hit' data-id='{html.escape(i, quote=True)}'><img src='/image/{self.row[i]}' alt='{html.escape(i, quote=True)}'>"
+                f"<div>#{rank} {float(s):.3f} {html.escape(i)}</div><div>{caption}</div></div>"
+            )
+        return (
+            self.form(text=text) + f"<h2>results for &ldquo;{html.escape(text)}&rdquo;</h2><div class='row'>"
+            f"<div class='card ref'><img src='data:image/png;base64,{ref}' alt='reference'><div>reference</div></div>"
+            + "".join(cards)
+            + "</div></body></html>"
+        )
 
     def thumbnail(self, row: int) -> bytes:
         if row not in self._thumbs:
@@ -174,7 +183,9 @@ def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 0) -> Threa
         raise CsmcirError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def serve(index_dir, ckpt, host: str = "127.0.0.1", port: int = 8765, device: str = "auto", k: int = 10, max_upload_mb: float = 10.0) -> None:
+def serve(
+    index_dir, ckpt, host: str = "127.0.0.1", port: int = 8765, device: str = "auto", k: int = 10, max_upload_mb: float = 10.0
+) -> None:
     app = SearchApp(index_dir, ckpt, device, k, max_upload_mb)
     server = make_server(app, host, port)
     print(json.dumps({"url": f"http://{host}:{server.server_address[1]}/", "gallery": len(app.ids)}), flush=True)

@@ -46,8 +46,12 @@ def evaluate_baselines(model, store: SplitStore, device="cpu", batch_size: int =
     blank = store.images.float().mean(dim=(0, 2, 3)).round().to(torch.uint8)[None, :, None, None].expand_as(refs).contiguous()
     results = {
         "model": evaluate_embeddings(store, _encode(model, refs, q_ids, q_len, device, batch_size, "queries"), gallery, ks),
-        "image_only": evaluate_embeddings(store, _encode(model, refs, empty_ids, empty_len, device, batch_size, "image-only"), gallery, ks, by_type=False),
-        "text_only": evaluate_embeddings(store, _encode(model, blank, q_ids, q_len, device, batch_size, "text-only"), gallery, ks, by_type=False),
+        "image_only": evaluate_embeddings(
+            store, _encode(model, refs, empty_ids, empty_len, device, batch_size, "image-only"), gallery, ks, by_type=False
+        ),
+        "text_only": evaluate_embeddings(
+            store, _encode(model, blank, q_ids, q_len, device, batch_size, "text-only"), gallery, ks, by_type=False
+        ),
     }
     flat = lambda x: F.normalize((x.float() - x.float().mean(dim=(1, 2, 3), keepdim=True)).flatten(1), dim=-1)  # noqa: E731
     results["pixel_nn"] = evaluate_embeddings(store, flat(refs), flat(store.images[g]), ks, by_type=False)

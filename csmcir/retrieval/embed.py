@@ -21,10 +21,10 @@ from ..errors import CsmcirError
 
 def gallery_texts(encoder, dataset, image_ids: list[str], missing_caption: str = "error") -> list[str]:
     """Target-side text of each gallery image, as the checkpoint was trained (caption or none)."""
-    if encoder.text.get("target_text", "caption") == "none":
+    if encoder.text.target_text == "none":
         return [""] * len(image_ids)
     captions = dataset.captions()
-    levels = tuple(encoder.text.get("caption_levels", ["final"]))
+    levels = encoder.text.caption_levels
     out = []
     for image_id in image_ids:
         cap = captions.get(image_id)
@@ -58,8 +58,10 @@ def embed_pairs(
             if str(z["key"]) == key and z["emb"].shape == out.shape:
                 done = int(z["done"])
                 out[:done] = z["emb"][:done]
-    with tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar, \
-            ThreadPoolExecutor(max_workers=4) as pool:
+    with (
+        tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar,
+        ThreadPoolExecutor(max_workers=4) as pool,
+    ):
         for b, start in enumerate(range(done, n, batch_size)):
             ids = image_ids[start : start + batch_size]
             images = list(pool.map(dataset.load_image, ids))

@@ -353,9 +353,7 @@ class GalleryIndex:
         approximate index found nothing) instead of ids."""
         q = _as_float32_matrix(queries, "queries")
         if q.shape[1] != self.dim:
-            raise CsmcirError(
-                f"query dimension {q.shape[1]} does not match the index dimension {self.dim}"
-            )
+            raise CsmcirError(f"query dimension {q.shape[1]} does not match the index dimension {self.dim}")
         if int(k) < 1:
             raise CsmcirError(f"k must be >= 1, got {k}")
         k_eff = min(int(k), self.ntotal)
@@ -445,9 +443,7 @@ class GalleryIndex:
         try:
             index = faiss.read_index(str(index_path))
         except (RuntimeError, MemoryError) as e:
-            raise CsmcirError(
-                f"{index_path} is not a readable faiss index: {_faiss_message(e)}"
-            ) from None
+            raise CsmcirError(f"{index_path} is not a readable faiss index: {_faiss_message(e)}") from None
         if index.d != info["dim"] or index.ntotal != info["count"]:
             raise CsmcirError(
                 f"{index_path} holds {index.ntotal} vectors of dimension {index.d}, but "
@@ -499,9 +495,7 @@ def _check_ids(ids: list[str], source: str) -> None:
     seen: set[str] = set()
     for row, gid in enumerate(ids):
         if not isinstance(gid, str) or not gid or "\n" in gid or "\r" in gid:
-            raise CsmcirError(
-                f"{source}: id {gid!r} in row {row} is not a non-empty one-line string"
-            )
+            raise CsmcirError(f"{source}: id {gid!r} in row {row} is not a non-empty one-line string")
         if gid in seen:
             raise CsmcirError(f"{source}: duplicate id {gid!r} (row {row})")
         seen.add(gid)
@@ -522,9 +516,7 @@ def _resolve_gpu(use_gpu: bool | None, kind: str, spec: _Kind | None) -> bool:
 def _read_info(path: Path) -> dict:
     """Read and check ``index_info.json``."""
     if not path.is_file():
-        raise CsmcirError(
-            f"{path} is missing: not an index folder, or the index was not completely written"
-        )
+        raise CsmcirError(f"{path} is missing: not an index folder, or the index was not completely written")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -533,10 +525,7 @@ def _read_info(path: Path) -> dict:
         raise CsmcirError(f"{path} does not hold a JSON object")
     version = info.get("format_version")
     if version != FORMAT_VERSION:
-        raise CsmcirError(
-            f"{path}: format_version {version!r} is not supported (this csmcir reads "
-            f"{FORMAT_VERSION})"
-        )
+        raise CsmcirError(f"{path}: format_version {version!r} is not supported (this csmcir reads {FORMAT_VERSION})")
     for key in ("dim", "count"):
         if not isinstance(info.get(key), int) or isinstance(info.get(key), bool):
             raise CsmcirError(f"{path}: {key!r} is missing or not an integer")

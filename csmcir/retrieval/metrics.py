@@ -20,7 +20,15 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-__all__ = ["topk_rankings", "recall_at_k", "recall_by_group"]
+__all__ = [
+    "topk_rankings",
+    "recall_at_k",
+    "recall_by_group",
+    "recall_from_first_hits",
+    "first_hit_ranks",
+    "check_ks",
+    "reference_positions",
+]
 
 
 def topk_rankings(
@@ -57,15 +65,9 @@ def topk_rankings(
             an empty gallery, ``k < 1``, ``chunk < 1``, or a bad ``exclude``.
     """
     if query_emb.ndim != 2 or gallery_emb.ndim != 2:
-        raise ValueError(
-            f"embeddings must be 2-D, got query shape {tuple(query_emb.shape)} and gallery shape "
-            f"{tuple(gallery_emb.shape)}"
-        )
+        raise ValueError(f"embeddings must be 2-D, got query shape {tuple(query_emb.shape)} and gallery shape {tuple(gallery_emb.shape)}")
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(
-            f"query dimension {query_emb.shape[1]} does not match gallery dimension "
-            f"{gallery_emb.shape[1]}"
-        )
+        raise ValueError(f"query dimension {query_emb.shape[1]} does not match gallery dimension {gallery_emb.shape[1]}")
     if not (query_emb.is_floating_point() and gallery_emb.is_floating_point()):
         raise ValueError("embeddings must be floating-point tensors")
     if k < 1:
@@ -102,9 +104,7 @@ def topk_rankings(
     return out_idx, out_scores
 
 
-def _exclusion_tensor(
-    exclude: Sequence[int | None] | None, n_query: int, n_gallery: int, device: torch.device
-) -> torch.Tensor:
+def _exclusion_tensor(exclude: Sequence[int | None] | None, n_query: int, n_gallery: int, device: torch.device) -> torch.Tensor:
     """Validate ``exclude`` and return it as a long tensor with ``-1`` for "nothing excluded"."""
     if exclude is None:
         return torch.full((n_query,), -1, dtype=torch.long, device=device)
@@ -117,9 +117,7 @@ def _exclusion_tensor(
             continue
         e = int(e)
         if not 0 <= e < n_gallery:
-            raise ValueError(
-                f"exclude[{i}] = {e} is not a gallery index (gallery size {n_gallery})"
-            )
+            raise ValueError(f"exclude[{i}] = {e} is not a gallery index (gallery size {n_gallery})")
         values.append(e)
     return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -176,11 +174,7 @@ def recall_at_k(
             ``num_candidates``).
     """
     ks = _check_ks(ks)
-    first_hits = _first_hit_ranks(rankings, targets, max(ks), num_candidates)
-    n = len(first_hits)
-    return {
-        f"R@{k}": 100.0 * sum(1 for r in first_hits if r is not None and r < k) / n for k in ks
-    }
+    return recall_from_first_hits(_first_hit_ranks(rankings, targets, max(ks), num_candidates), ks)
 
 
 def recall_by_group(
@@ -216,13 +210,42 @@ def recall_by_group(
     return {g: 100.0 * hits[g] / counts[g] for g in sorted(counts)}
 
 
-def _check_ks(ks: Sequence[int]) -> list[int]:
+def check_ks(ks: Sequence[int]) -> list[int]:
+    """``ks`` as ints; a ``ValueError`` if it is empty or holds a cut-off below 1."""
     ks = [int(k) for k in ks]
     if not ks:
         raise ValueError("ks is empty")
     if min(ks) < 1:
         raise ValueError(f"every K must be >= 1, got {ks}")
     return ks
+
+
+_check_ks = check_ks
+
+
+def first_hit_ranks(rankings: Sequence[Sequence[str]], targets: Sequence[Collection[str]], depth: int) -> list[int | None]:
+    """For each query, the 0-based rank of its first correct target among its first ``depth``
+    ranked ids, or ``None``. A bare string target is one id. No length checks (callers do them)."""
+    out: list[int | None] = []
+    for ranking, target in zip(rankings, targets):
+        wanted = {target} if isinstance(target, str) else set(target)
+        out.append(next((r for r, gid in enumerate(ranking[:depth]) if gid in wanted), None))
+    return out
+
+
+def recall_from_first_hits(first_hits: Sequence[int | None], ks: Sequence[int]) -> dict[str, float]:
+    """``R@K = 100 * #{queries whose first hit rank < K} / #queries`` (the hit-rate definition of
+    this module's docstring), for each K, in the order of ``ks``."""
+    n = len(first_hits)
+    return {f"R@{k}": 100.0 * sum(1 for r in first_hits if r is not None and r < k) / n for k in ks}
+
+
+def reference_positions(references: Sequence, gallery: Sequence) -> list[int | None]:
+    """The gallery position of each query's reference (``None`` where it is not in the gallery):
+    the ``exclude`` argument of :func:`topk_rankings` for protocols that remove the reference.
+    ``references`` and ``gallery`` hold the same kind of key (image ids or store rows)."""
+    pos = {g: j for j, g in enumerate(gallery)}
+    return [pos.get(r) for r in references]
 
 
 def _first_hit_ranks(
@@ -239,19 +262,10 @@ def _first_hit_ranks(
     if num_candidates is not None and num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
     needed = depth if num_candidates is None else min(depth, num_candidates)
-    out: list[int | None] = []
     for i, (ranking, target) in enumerate(zip(rankings, targets)):
         if len(ranking) < needed:
-            hint = (
-                ""
-                if num_candidates is not None
-                else "; pass num_candidates if the gallery is smaller"
-            )
-            raise ValueError(
-                f"ranking of query {i} has {len(ranking)} ids, R@{depth} needs {needed}{hint}"
-            )
-        wanted = {target} if isinstance(target, str) else set(target)
-        if not wanted:
+            hint = "" if num_candidates is not None else "; pass num_candidates if the gallery is smaller"
+            raise ValueError(f"ranking of query {i} has {len(ranking)} ids, R@{depth} needs {needed}{hint}")
+        if not ({target} if isinstance(target, str) else set(target)):
             raise ValueError(f"query {i} has no target ids")
-        out.append(next((r for r, gid in enumerate(ranking[:depth]) if gid in wanted), None))
-    return out
+    return first_hit_ranks(rankings, targets, depth)

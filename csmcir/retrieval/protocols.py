@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import CsmcirError
 from ..io import read_json
+from .metrics import check_ks, first_hit_ranks, recall_from_first_hits
 
 __all__ = [
     "ProtocolError",
@@ -54,10 +55,7 @@ def _ranked(rankings: Mapping[str, Sequence[str]], qid: str, source: str) -> Seq
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {ks}")
-    return ks
+    return check_ks(ks)
 
 
 def recall_at_k(
@@ -88,22 +86,22 @@ def recall_at_k(
     ks = _check_ks(ks)
     if not targets:
         raise ProtocolError(f"{source}: no queries to score")
-    hits = {k: 0 for k in ks}
+    ranked_lists, correct_sets = [], []
     for qid, correct in targets.items():
         ranked = _ranked(rankings, qid, source)
         if references is not None:
             ref = references[qid]
             ranked = [g for g in ranked if g != ref]
-        correct = {correct} if isinstance(correct, str) else set(correct)
-        first = next((i for i, g in enumerate(ranked[: max(ks)]) if g in correct), None)
-        if first is None and len(ranked) < max(ks):
+        ranked_lists.append(ranked)
+        correct_sets.append({correct} if isinstance(correct, str) else set(correct))
+    first = first_hit_ranks(ranked_lists, correct_sets, max(ks))  # the one definition (metrics.py)
+    for qid, ranked, r in zip(targets, ranked_lists, first):
+        if r is None and len(ranked) < max(ks):
             raise ProtocolError(
                 f"{source}: query {qid!r}: {len(ranked)} ranked ids"
                 f"{' after removing the reference' if references is not None else ''}, R@{max(ks)} needs {max(ks)}"
             )
-        for k in ks:
-            hits[k] += first is not None and first < k
-    return {f"R@{k}": 100.0 * hits[k] / len(targets) for k in ks}
+    return recall_from_first_hits(first, ks)
 
 
 def recall_subset_at_k(
@@ -236,8 +234,7 @@ def score_split(split, rankings: Mapping[str, Sequence[str]], source: str = "ran
     """
     if not split.has_targets:
         raise CsmcirError(
-            f"{split.dataset} {split.split} has no ground truth here; its scores come from the test server "
-            "(see `csmcir submit`)"
+            f"{split.dataset} {split.split} has no ground truth here; its scores come from the test server (see `csmcir submit`)"
         )
     qs = split.queries
     known = {q.id for q in qs}
@@ -294,8 +291,7 @@ def cirr_submission(split, rankings: Mapping[str, Sequence[str]], source: str = 
         sub = [g for g in ranked if g in members][:3]
         if len(sub) < 3:
             raise ProtocolError(
-                f"{source}: query {q.id!r}: only {len(sub)} of its image set ranked; rank deeper "
-                f"(csmcir rank --k {len(split.gallery)})"
+                f"{source}: query {q.id!r}: only {len(sub)} of its image set ranked; rank deeper (csmcir rank --k {len(split.gallery)})"
             )
         recall[q.id] = list(ranked[:50])
         subset[q.id] = sub

@@ -26,7 +26,7 @@ __all__ = ["TeacherEncoder", "QUERY_PROMPT", "GALLERY_PROMPT", "EMB_TOKEN"]
 
 EMB_TOKEN = "<emb>"
 QUERY_PROMPT = (
-    "This is a reference image. Modification: \"{text}\". Find the target image: first describe the reference "
+    'This is a reference image. Modification: "{text}". Find the target image: first describe the reference '
     "image (Caption), then reason about what the target image must show after the modification (Reasoning), "
     "then describe the target image in one sentence (Conclusion)."
 )
@@ -42,8 +42,16 @@ class TeacherEncoder:
         max_new_tokens: reasoning length limit in ``full`` mode.
     """
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", layer: int = -1, max_new_tokens: int = 128,
-                 local_files_only: bool = True, **processor_kw: Any):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        layer: int = -1,
+        max_new_tokens: int = 128,
+        local_files_only: bool = True,
+        **processor_kw: Any,
+    ):
         from ..captioning.backends import load_mllm, resolve_device, resolve_dtype
 
         dev = resolve_device(device)
@@ -52,7 +60,7 @@ class TeacherEncoder:
         self._attach(processor, net, model, dev, dt, layer, max_new_tokens)
 
     @classmethod
-    def from_loaded(cls, processor, net, model_id: str, layer: int = -1, max_new_tokens: int = 128) -> "TeacherEncoder":
+    def from_loaded(cls, processor, net, model_id: str, layer: int = -1, max_new_tokens: int = 128) -> TeacherEncoder:
         """Wrap an MLLM already in memory (``csmcir bench efficiency`` builds random-weight ones);
         the tokenizer must pad on the left, as :func:`~csmcir.captioning.backends.load_mllm` sets."""
         out = cls.__new__(cls)
@@ -98,11 +106,13 @@ class TeacherEncoder:
         with torch.inference_mode():
             if mode == "full":
                 inputs = self.processor(text=chats, images=images, return_tensors="pt", padding=True).to(self.device)
-                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          pad_token_id=self.processor.tokenizer.pad_token_id)
-                reasoning = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            inputs = self.processor(text=[c + r + EMB_TOKEN for c, r in zip(chats, reasoning)], images=images,
-                                    return_tensors="pt", padding=True).to(self.device)
+                out = self.model.generate(
+                    **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.processor.tokenizer.pad_token_id
+                )
+                reasoning = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            inputs = self.processor(
+                text=[c + r + EMB_TOKEN for c, r in zip(chats, reasoning)], images=images, return_tensors="pt", padding=True
+            ).to(self.device)
             if not bool((inputs["input_ids"][:, -1] == self.emb_id).all()):
                 raise CsmcirError(f"{self.model_id}: the tokenizer did not keep {EMB_TOKEN} as the last token")
             hidden = self.model(**inputs, output_hidden_states=True).hidden_states[self.layer][:, -1]

@@ -35,8 +35,9 @@ FORMAT = 1
 class TeacherStore:
     """Append-only writer (and resumer) of a teacher store folder."""
 
-    def __init__(self, path: str | Path, model: str, mode: str, dim: int | None = None, layer: int = -1, kind: str = "query",
-                 shard: int = 0):
+    def __init__(
+        self, path: str | Path, model: str, mode: str, dim: int | None = None, layer: int = -1, kind: str = "query", shard: int = 0
+    ):
         self.path = ensure_writable_dir(path)
         self.shard = shard
         self.header = {"format": FORMAT, "model": model, "mode": mode, "dim": dim, "layer": layer, "kind": kind}
@@ -45,7 +46,9 @@ class TeacherStore:
             old = read_json(info, "teacher store.json")
             for key in ("model", "mode", "layer", "kind"):
                 if old.get(key) != self.header[key]:
-                    raise CsmcirError(f"{info}: this store holds {key}={old.get(key)!r}, the run asks for {self.header[key]!r}; write to another folder")
+                    raise CsmcirError(
+                        f"{info}: this store holds {key}={old.get(key)!r}, the run asks for {self.header[key]!r}; write to another folder"
+                    )
             self.header["dim"] = old.get("dim") if dim is None else dim
             if old.get("dim") not in (None, self.header["dim"]):
                 raise CsmcirError(f"{info}: this store holds {old.get('dim')}-d embeddings, the run makes {dim}-d ones")
@@ -146,8 +149,9 @@ def read_reasoning(path: str | Path) -> dict[str, str]:
     return out
 
 
-def import_embeddings(out: str | Path, embeddings: str | Path, ids_file: str | Path | None, model: str, mode: str = "imported",
-                      kind: str = "query") -> int:
+def import_embeddings(
+    out: str | Path, embeddings: str | Path, ids_file: str | Path | None, model: str, mode: str = "imported", kind: str = "query"
+) -> int:
     """Copy embeddings computed elsewhere into a store folder (one part); returns their number."""
     src = Path(embeddings)
     if not src.is_file():

@@ -17,9 +17,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 # Same pre-tokenisation regex as Qwen2Tokenizer (transformers/models/qwen2/tokenization_qwen2.py)
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Qwen2-VL special tokens. They get ids after the BPE vocab (300..313), but NOT in this order: Qwen2Tokenizer
 # registers eos/pad first (<|im_end|>=300, <|endoftext|>=301, <|image_pad|>=302, ...); always look ids up.
@@ -207,22 +205,52 @@ def _build_config(arch, tok, text=None, vision=None, vocab_size=None):
 
 # The public configs of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct (config.json), for latency
 # measurements of the real architectures with random weights (arch="qwen2_5_vl").
-_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+_QWEN25_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+)
 QWEN25_VL_SIZES = {
-    "3b": dict(vocab_size=151936,
-               text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=128000, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-               vision=dict(_QWEN25_VISION, out_hidden_size=2048)),
-    "7b": dict(vocab_size=152064,
-               text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                         max_position_embeddings=128000, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-               vision=dict(_QWEN25_VISION, out_hidden_size=3584)),
+    "3b": dict(
+        vocab_size=151936,
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=128000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(_QWEN25_VISION, out_hidden_size=2048),
+    ),
+    "7b": dict(
+        vocab_size=152064,
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=128000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(_QWEN25_VISION, out_hidden_size=3584),
+    ),
 }
 
 
-def make_tiny_qwen2vl(path, arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16,
-                      text=None, vision=None, vocab_size=None, dtype=None):
+def make_tiny_qwen2vl(
+    path, arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, text=None, vision=None, vocab_size=None, dtype=None
+):
     """Create and save_pretrained a tiny random Qwen2-VL / Qwen2.5-VL model + processor into `path`.
 
     ``text`` / ``vision`` override the text and vision config (e.g. :data:`QWEN25_VL_SIZES` for a
@@ -239,8 +267,9 @@ def make_tiny_qwen2vl(path, arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max
     return path
 
 
-def build_qwen2vl(arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, text=None, vision=None,
-                  vocab_size=None, dtype=None):
+def build_qwen2vl(
+    arch="qwen2_vl", seed=0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, text=None, vision=None, vocab_size=None, dtype=None
+):
     """``(processor, model)`` of :func:`make_tiny_qwen2vl` in memory, not saved (same arguments)."""
     from transformers import GenerationConfig, Qwen2VLImageProcessorPil
 

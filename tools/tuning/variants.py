@@ -6,6 +6,7 @@ Variants are the standard difficulty of generator v2 as it was on 2026-11-22 bef
 recalibration (2-3 objects, 85/12/3 % single/2/3 edits, relational 0.2, 5 distractors; that
 difficulty is now named ``medium``) with the changes listed here.
 """
+
 import dataclasses
 import sys
 import time

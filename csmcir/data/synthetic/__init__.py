@@ -18,8 +18,8 @@ Modules: :mod:`.params` (every knob), :mod:`.scene` (vocabulary, scene graphs), 
 (rasterising), :mod:`.captioner` (lossy captions), :mod:`.builder` (splits, files, generate).
 """
 
-from .captioner import caption_scene
 from .builder import SPLITS, ensure_benchmark, gallery_scenes, generate
+from .captioner import caption_scene
 from .params import DIFFICULTIES, GENERATOR_VERSION, SynthParams
 from .scene import HELDOUT_PAIRS
 

@@ -18,7 +18,6 @@ targets and distractors do not sit next to each other in id order and ids leak n
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import multiprocessing
 import os
@@ -89,9 +88,7 @@ def _split_size(params: SynthParams, split: str) -> int:
     }[split]
 
 
-def _drawing(
-    rng: np.random.Generator, scene: Scene, params: SynthParams, cfg: RenderConfig
-) -> tuple[RenderObject, ...]:
+def _drawing(rng: np.random.Generator, scene: Scene, params: SynthParams, cfg: RenderConfig) -> tuple[RenderObject, ...]:
     """Per-image appearance of ``scene``: position jitter and colour tint, drawn afresh."""
     n = len(scene)
     jitter_px = int(round(params.position_jitter * cfg.cell))
@@ -263,10 +260,7 @@ def _holds_matching(out: Path, seed: int, params: SynthParams) -> dict | None:
     marker = out / "benchmark.json"
     if not marker.is_file():
         if any(out.iterdir()):
-            raise CsmcirError(
-                f"{out} is not empty and holds no complete benchmark (no benchmark.json); "
-                "delete it or choose another folder"
-            )
+            raise CsmcirError(f"{out} is not empty and holds no complete benchmark (no benchmark.json); delete it or choose another folder")
         return None
     info = _read_info(marker)
     expected = _expected_header(seed, params)
@@ -304,9 +298,7 @@ def _publish(tmp: Path, out: Path, seed: int, params: SynthParams) -> None:
         raise CsmcirError(f"cannot move the generated benchmark to {out}: {error.strerror}")
 
 
-def _write_benchmark(
-    tmp: Path, seed: int, params: SynthParams, workers: int, progress: bool
-) -> None:
+def _write_benchmark(tmp: Path, seed: int, params: SynthParams, workers: int, progress: bool) -> None:
     """Build, render and write every file of the benchmark into ``tmp``."""
     splits = [build_split(s, seed, params) for s in SPLITS]
     images_dir = tmp / "images"
@@ -325,9 +317,7 @@ def _write_benchmark(
     atomic_write_text(tmp / "scenes.jsonl", "".join(scene_lines))
 
     info = _expected_header(seed, params)
-    info["splits"] = {
-        data.name: {"queries": len(data.triplets), "gallery": len(data.images)} for data in splits
-    }
+    info["splits"] = {data.name: {"queries": len(data.triplets), "gallery": len(data.images)} for data in splits}
     info["images"] = len(jobs)
     info["heldout_pairs"] = [list(p) for p in sorted(HELDOUT_PAIRS)]
     atomic_write_json(tmp / "benchmark.json", info)  # last: its presence means complete
@@ -380,10 +370,7 @@ def _verify(root: Path, info: dict) -> None:
 
     def check(path: Path, found: int, expected: object) -> None:
         if found != expected:
-            raise CsmcirError(
-                f"{path} has {found} entries but {root / 'benchmark.json'} says {expected}; "
-                f"delete {root} to regenerate it"
-            )
+            raise CsmcirError(f"{path} has {found} entries but {root / 'benchmark.json'} says {expected}; delete {root} to regenerate it")
 
     splits = info.get("splits")
     if not isinstance(splits, dict):

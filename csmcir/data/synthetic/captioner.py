@@ -142,10 +142,7 @@ def caption_scene(scene: Scene, rng: np.random.Generator, params: SynthParams) -
         anchor = (name, o.cell)
     relations_level = "; ".join(relation_parts) or "the positions are unclear"
 
-    described = [
-        with_article(o.phrase()) + ("" if o.cell is None else " " + at_position(o.cell))
-        for o in objects
-    ]
+    described = [with_article(o.phrase()) + ("" if o.cell is None else " " + at_position(o.cell)) for o in objects]
     final = _and_list(described) if described else "an empty light canvas"
     return Caption(
         image_id="",

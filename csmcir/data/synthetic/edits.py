@@ -13,8 +13,8 @@ it. Only a few of those values are rendered as target images.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -96,7 +96,7 @@ class Mod:
                 return (self.type, self.value)
         return None
 
-    def resolve(self, value: str) -> "Mod":
+    def resolve(self, value: str) -> Mod:
         """This free modification with its unsaid attribute set to ``value``."""
         if self.free is None:
             return self
@@ -179,11 +179,7 @@ def sample_mod(
         for o in scene:
             if o.cell in busy:
                 continue
-            values = [
-                v
-                for v in ATTRIBUTES[mtype]
-                if v != o.get(mtype) and allow(mtype, v) and (forced is None or v == forced)
-            ]
+            values = [v for v in ATTRIBUTES[mtype] if v != o.get(mtype) and allow(mtype, v) and (forced is None or v == forced)]
             if values:
                 candidates.append((o, values))
         if not candidates:
@@ -196,11 +192,7 @@ def sample_mod(
     free_cells = [c for c in empty_cells(scene) if c not in claimed]
     if mtype == "move":
         objs = [o for o in scene if o.cell not in busy]
-        dests = [
-            c
-            for c in free_cells
-            if allow("move", POSITIONS[c]) and (forced is None or POSITIONS[c] == forced)
-        ]
+        dests = [c for c in free_cells if allow("move", POSITIONS[c]) and (forced is None or POSITIONS[c] == forced)]
         if not objs or not dests:
             return None
         return Mod("move", pick(rng, objs).cell, POSITIONS[pick(rng, dests)])
@@ -249,9 +241,7 @@ class Query:
         return [p for m in self.mods if (p := m.pair()) in HELDOUT_PAIRS]
 
 
-def sample_query(
-    rng: np.random.Generator, scene: Scene, params: SynthParams, heldout: bool
-) -> Query | None:
+def sample_query(rng: np.random.Generator, scene: Scene, params: SynthParams, heldout: bool) -> Query | None:
     """A random query on ``scene``, or ``None`` if the drawn combination does not fit the scene.
 
     Outside the heldout split no part may state a held-out pair. In the heldout split one part is
@@ -287,11 +277,7 @@ def sample_query(
         return None
     mods = [mods[int(i)] for i in rng.permutation(len(mods))]
     if rng.random() < params.p_free:
-        eligible = [
-            i
-            for i, m in enumerate(mods)
-            if m.type == "add" or (m.type == "colour" and m is not forced)
-        ]
+        eligible = [i for i, m in enumerate(mods) if m.type == "add" or (m.type == "colour" and m is not forced)]
         if eligible:
             i = eligible[int(rng.integers(len(eligible)))]
             m = mods[i]
@@ -302,9 +288,7 @@ def sample_query(
     return Query(scene, tuple(mods))
 
 
-def free_variant_values(
-    rng: np.random.Generator, query: Query, params: SynthParams, heldout: bool
-) -> list[str | None]:
+def free_variant_values(rng: np.random.Generator, query: Query, params: SynthParams, heldout: bool) -> list[str | None]:
     """Values of the unsaid attribute to render as targets (``[None]`` for a query without one).
 
     Outside the heldout split a colour change never renders a held-out colour, so no train image
@@ -313,18 +297,12 @@ def free_variant_values(
     free = query.free
     if free is None:
         return [None]
-    values = [
-        v
-        for v in free.free_values(query.scene)
-        if heldout or free.type != "colour" or allow_not_heldout("colour", v)
-    ]
+    values = [v for v in free.free_values(query.scene) if heldout or free.type != "colour" or allow_not_heldout("colour", v)]
     n = int(rng.integers(params.min_free_variants, params.max_free_variants + 1))
     return [values[int(i)] for i in rng.permutation(len(values))[:n]]
 
 
-def mod_clause(
-    m: Mod, scene: Scene, rng: np.random.Generator, p_relational: float
-) -> tuple[str, bool]:
+def mod_clause(m: Mod, scene: Scene, rng: np.random.Generator, p_relational: float) -> tuple[str, bool]:
     """The English clause for one modification and whether its reference is relational."""
     if m.type == "add":
         assert m.new is not None
@@ -432,13 +410,7 @@ def _other_object(rng: np.random.Generator, query: Query, mods: Sequence[Mod]) -
         if m2 is None:
             return None
     else:
-        others = [
-            o
-            for o in scene
-            if o.cell != m.cell
-            and o.cell not in busy
-            and (m.type not in ATTRIBUTES or o.get(m.type) != m.value)
-        ]
+        others = [o for o in scene if o.cell != m.cell and o.cell not in busy and (m.type not in ATTRIBUTES or o.get(m.type) != m.value)]
         if not others:
             return None
         m2 = replace(m, cell=pick(rng, others).cell)
@@ -454,25 +426,19 @@ def _partial(rng: np.random.Generator, query: Query, mods: Sequence[Mod]) -> Sce
     return apply(query.scene, [mods[i] for i in chosen])
 
 
-def _random_edit(
-    rng: np.random.Generator, query: Query, mods: Sequence[Mod], params: SynthParams
-) -> Scene | None:
+def _random_edit(rng: np.random.Generator, query: Query, mods: Sequence[Mod], params: SynthParams) -> Scene | None:
     """A random single edit of the reference."""
     m = sample_mod(rng, query.scene, _weighted(rng, params.mod_weights), set(), set(), allow_all)
     return None if m is None else apply(query.scene, [m])
 
 
-def _extra(
-    rng: np.random.Generator, query: Query, mods: Sequence[Mod], params: SynthParams
-) -> Scene | None:
+def _extra(rng: np.random.Generator, query: Query, mods: Sequence[Mod], params: SynthParams) -> Scene | None:
     """The requested edit plus one more on an untouched object."""
     busy: set[int] = set()
     claimed: set[int] = set()
     for m in mods:
         _occupy(m, busy, claimed)
-    extra = sample_mod(
-        rng, query.scene, _weighted(rng, params.mod_weights), busy, claimed, allow_all
-    )
+    extra = sample_mod(rng, query.scene, _weighted(rng, params.mod_weights), busy, claimed, allow_all)
     return None if extra is None else apply(query.scene, [*mods, extra])
 
 

@@ -9,7 +9,7 @@ random, so a model cannot key on one template.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,9 +49,7 @@ def to_position(cell: int) -> str:
     return f"to the {POSITIONS[cell]}"
 
 
-def noun_phrase(
-    obj: Obj, attributes: Sequence[str] = ("size", "colour", "pattern", "shape")
-) -> str:
+def noun_phrase(obj: Obj, attributes: Sequence[str] = ("size", "colour", "pattern", "shape")) -> str:
     """Attributes of ``obj`` in the fixed English order size, colour, pattern, shape."""
     order = ("size", "colour", "pattern", "shape")
     return " ".join(obj.get(a) for a in order if a in attributes)
@@ -78,16 +76,13 @@ def relational_candidates(scene: Scene, obj: Obj) -> list[tuple[str, Obj]]:
             continue
         for relation in RELATIONS:
             if _satisfies(obj, relation, anchor) and not any(
-                o.cell not in (obj.cell, anchor.cell) and _satisfies(o, relation, anchor)
-                for o in scene
+                o.cell not in (obj.cell, anchor.cell) and _satisfies(o, relation, anchor) for o in scene
             ):
                 out.append((relation, anchor))
     return out
 
 
-def refer(
-    scene: Scene, obj: Obj, rng: np.random.Generator, p_relational: float
-) -> tuple[str, bool]:
+def refer(scene: Scene, obj: Obj, rng: np.random.Generator, p_relational: float) -> tuple[str, bool]:
     """A referring expression for ``obj`` and whether it is relational.
 
     The random draw is made for every call (even when no relational reference exists) so that the

@@ -135,8 +135,7 @@ class SynthParams:
                 problems.append(f"{label} must be non-negative with a positive sum")
         if not 1 <= self.min_free_variants <= self.max_free_variants:
             problems.append("need 1 <= min_free_variants <= max_free_variants")
-        for rate in ("p_relational", "p_free", "caption_omit_rate", "caption_error_rate",
-                     "caption_drop_object_rate"):
+        for rate in ("p_relational", "p_free", "caption_omit_rate", "caption_error_rate", "caption_drop_object_rate"):
             if not 0 <= getattr(self, rate) <= 1:
                 problems.append(f"{rate} must be in [0, 1]")
         if self.caption_omit_rate + self.caption_error_rate > 1:
@@ -156,15 +155,27 @@ class SynthParams:
 
 
 _MEDIUM = SynthParams(
-    name="medium", min_objects=2, max_objects=3, n_mods_probs=(0.85, 0.12, 0.03), p_relational=0.2,
-    n_distractors=5, n_train=16000,
+    name="medium",
+    min_objects=2,
+    max_objects=3,
+    n_mods_probs=(0.85, 0.12, 0.03),
+    p_relational=0.2,
+    n_distractors=5,
+    n_train=16000,
 )
 
 DIFFICULTIES: dict[str, SynthParams] = {
     # Quick smoke tests: generation takes a few seconds.
     "easy": SynthParams(
-        name="easy", min_objects=1, max_objects=3, n_mods_probs=(1.0, 0.0, 0.0), n_distractors=3,
-        n_train=2000, n_val=300, n_test=300, n_heldout=200,
+        name="easy",
+        min_objects=1,
+        max_objects=3,
+        n_mods_probs=(1.0, 0.0, 0.0),
+        n_distractors=3,
+        n_train=2000,
+        n_val=300,
+        n_test=300,
+        n_heldout=200,
     ),
     # The default benchmark; the class defaults above are its values: 1-2 objects, mostly
     # single edits, 4 hard distractors (with the target and the reference, CIRR's image-set size
@@ -178,13 +189,11 @@ DIFFICULTIES: dict[str, SynthParams] = {
 """Named difficulty levels: ``easy``, ``standard``, ``medium`` and ``hard``."""
 
 
-def resolve_params(difficulty: "str | SynthParams") -> SynthParams:
+def resolve_params(difficulty: str | SynthParams) -> SynthParams:
     """A difficulty name from :data:`DIFFICULTIES`, or a :class:`SynthParams` passed through."""
     if isinstance(difficulty, SynthParams):
         return difficulty
     try:
         return DIFFICULTIES[difficulty]
     except (KeyError, TypeError):
-        raise CsmcirError(
-            f"unknown difficulty {difficulty!r} (known: {', '.join(DIFFICULTIES)})"
-        ) from None
+        raise CsmcirError(f"unknown difficulty {difficulty!r} (known: {', '.join(DIFFICULTIES)})") from None

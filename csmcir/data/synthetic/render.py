@@ -20,10 +20,10 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -87,9 +87,18 @@ def _shape_mask(shape: str, side: int, half: float) -> Image.Image:
         h, w = half, 0.4 * half
         draw.polygon(
             [
-                (c - w, c - h), (c + w, c - h), (c + w, c - w), (c + h, c - w),
-                (c + h, c + w), (c + w, c + w), (c + w, c + h), (c - w, c + h),
-                (c - w, c + w), (c - h, c + w), (c - h, c - w), (c - w, c - w),
+                (c - w, c - h),
+                (c + w, c - h),
+                (c + w, c - w),
+                (c + h, c - w),
+                (c + h, c + w),
+                (c + w, c + w),
+                (c + w, c + h),
+                (c - w, c + h),
+                (c - w, c + w),
+                (c - h, c + w),
+                (c - h, c - w),
+                (c - w, c - w),
             ],  # fmt: skip
             fill=255,
         )
@@ -98,7 +107,7 @@ def _shape_mask(shape: str, side: int, half: float) -> Image.Image:
     return mask
 
 
-@lru_cache(maxsize=None)
+@cache
 def stamp(cfg: RenderConfig, shape: str, size: str, pattern: str) -> np.ndarray:
     """Coverage in [0, 1] (float32, ``(2r+1, 2r+1)``) of one object centred on the middle pixel."""
     ss = cfg.supersample
@@ -150,9 +159,7 @@ def render(cfg: RenderConfig, objects: Sequence[RenderObject]) -> np.ndarray:
         sx1 = min(cover.shape[1], size - x0)
         sy1 = min(cover.shape[0], size - y0)
         delta = np.asarray(rgb, dtype=np.float32) - bg
-        canvas[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1] += (
-            cover[sy0:sy1, sx0:sx1, None] * delta
-        )
+        canvas[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1] += cover[sy0:sy1, sx0:sx1, None] * delta
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
@@ -174,12 +181,7 @@ def encode_png(array: np.ndarray) -> bytes:
     rows = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # column 0: filter type 0 (None)
     rows[:, 1:] = array.reshape(height, 3 * width)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        PNG_SIGNATURE
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 2))
-        + _png_chunk(b"IEND", b"")
-    )
+    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 2)) + _png_chunk(b"IEND", b"")
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

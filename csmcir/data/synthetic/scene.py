@@ -9,8 +9,8 @@ jitter and colour tints are sampled separately, per image, when a scene is mater
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class Obj:
     def get(self, attribute: str) -> str:
         return getattr(self, attribute)
 
-    def with_(self, **changes) -> "Obj":
+    def with_(self, **changes) -> Obj:
         return replace(self, **changes)
 
     def to_json(self) -> dict:
