@@ -132,7 +132,7 @@ def test_fit_with_distillation_logs_losses_and_agreement_and_inference_ignores_t
     keys = {k for r in rows for k, v in r.items() if v}
     assert {"train/loss_distill_feature", "train/loss_distill_relational", "val/teacher_cos", "val/teacher_top10_overlap"} <= keys
     sd = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert any(k.startswith("distill_head.") for k in sd)
+    assert any(k.startswith("distill.head.") for k in sd)  # (format 1 named it distill_head.)
     enc = Encoder.from_checkpoint(out / "last.ckpt", "cpu")  # the head is not needed to encode
     from PIL import Image
 

@@ -8,7 +8,7 @@
   ``KL(softmax(T_q T_t^T / tau) || softmax(S_q S_t^T / tau))``, both sides L2-normalised.
 
 The head is trained with the student and is not needed at inference (checkpoints keep it under
-``distill_head.*``; the encoder reads ``model.*``).
+``distill.head.*``; the encoder reads ``model.*``).
 """
 
 from __future__ import annotations
