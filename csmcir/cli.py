@@ -118,7 +118,13 @@ def cmd_search(a) -> None:
     if index.dim != enc.dim:
         raise CsmcirError(f"index {a.index} holds {index.dim}-d embeddings but checkpoint {a.ckpt} makes {enc.dim}-d ones")
     cap_file = Path(a.index) / "captions.jsonl"
-    hits = search(enc, index, _open_image(a.image), a.text, a.k, read_captions(cap_file) if cap_file.is_file() else {})
+    # the query image itself, when it is one of the gallery's images, is not an answer (as the
+    # rankings leave the reference out); --keep-query-image keeps it
+    image = Path(a.image).resolve()
+    root = Path(index.info.get("root", "/nonexistent")).resolve()
+    own = image.stem if image.stem in set(index.ids) and root in image.parents else None
+    exclude = [own] if own is not None and not a.keep_query_image else []
+    hits = search(enc, index, _open_image(a.image), a.text, a.k, read_captions(cap_file) if cap_file.is_file() else {}, exclude_ids=exclude)
     if a.json:
         print(json.dumps(hits, indent=2))
     else:
@@ -180,6 +186,13 @@ def cmd_submit(a) -> None:
     if enc is not None:
         ds = _dataset(a)
         b = ds.split(a.split)
+        # the server files hold 50 ids per query (CIRR: besides the reference): say so before encoding
+        need = 51 if a.dataset == "cirr" else 50
+        if len(b.gallery) < need:
+            raise CsmcirError(
+                f"{a.dataset} {a.split} under {a.root} has {len(b.gallery)} gallery images; the submission "
+                f"files rank 50 per query, so the gallery needs at least {need}"
+            )
         # CIRR's image-set top 3 needs every member ranked: rank the whole gallery
         rankings = rank_split(enc, ds, a.split, k=None if a.dataset == "cirr" else 50, batch_size=a.batch_size).as_dict()
         source = f"rankings of {a.ckpt}"
@@ -500,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", required=True, help='modification text, e.g. "make the red circle blue"')
     s.add_argument("-k", type=int, default=10, help="hits to return (default 10)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument(
+        "--keep-query-image",
+        action="store_true",
+        help="keep the query image among the hits when it is one of the index's images (default: left out)",
+    )
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("rank", help="rank a split's gallery for every query; writes {query id: [gallery ids]}")

@@ -18,7 +18,16 @@ from .devices import resolve_device
 from .errors import CsmcirError
 from .models import CIRDualTower
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "Encoder", "check_checkpoint_format", "file_digest", "read_checkpoint", "resolve_device"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_KEY",
+    "Encoder",
+    "check_checkpoint_format",
+    "file_digest",
+    "read_checkpoint",
+    "restore_frozen_vision",
+    "resolve_device",
+]
 
 CHECKPOINT_KEY = "csmcir"
 # 1: csmcir 0.1 (the module's hyper-parameters model/model_overrides/init/freeze_vision/
@@ -81,6 +90,16 @@ class Encoder:
         meta = ckpt[CHECKPOINT_KEY]
         cfg = ModelConfig.from_dict(meta["model_config"])
         model = CIRDualTower(cfg)
+        if meta.get("frozen_vision"):  # rebuilt from its recorded sources, checked by digest
+            from .models.weights import load_pretrained
+
+            sources = meta["frozen_vision"]["init"]
+            try:
+                load_pretrained(model, [(e["source"], e["path"]) for e in sources], allow_partial=True)
+            except CsmcirError as e:
+                where = ", ".join(f"{x['source']} {x['path']}" for x in sources)
+                raise CsmcirError(f"{path} does not store its frozen vision tower; rebuilding it from {where} failed: {e}") from None
+            restore_frozen_vision(ckpt, model, path, prefixes=("model.",))
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -151,3 +170,30 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> dict:
     with atomic_path(dst) as tmp:
         torch.save(ckpt, tmp)
     return {"from_format": fmt, "to_format": CHECKPOINT_FORMAT, "net": sorted(net), "renamed_tensors": len(renamed)}
+
+
+def restore_frozen_vision(ckpt: dict, model: CIRDualTower, path, prefixes=("model.",), ema=None) -> None:
+    """Put a frozen vision tower that ``ckpt`` does not store (its ``frozen_vision`` record) back
+    into its state dict from ``model.vision``, which was rebuilt from the recorded sources; a
+    tower of other weights (another file at the recorded path) is refused naming both digests."""
+    rec = (ckpt.get(CHECKPOINT_KEY) or {}).get("frozen_vision")
+    if not rec:
+        return
+    from dataclasses import asdict
+
+    from .data.feature_cache import tower_key
+
+    where = ", ".join(f"{e['source']} {e['path']}" for e in rec["init"])
+    digest = tower_key(model.vision, asdict(model.cfg.vision))
+    if digest != rec["digest"]:
+        raise CsmcirError(
+            f"{path}: its frozen vision tower is not stored in it but rebuilt from {where}, and those weights "
+            f"differ from the ones it was trained with (digest {digest} != {rec['digest']}): point model.net.init "
+            "at the same files"
+        )
+    vision = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
+    sd = ckpt["state_dict"]
+    for prefix in prefixes:
+        if prefix == "ema_model." and (ema is None or not any(k.startswith("vision.") for k in ema.state_dict())):
+            continue
+        sd.update({prefix + k: v for k, v in vision.items()})

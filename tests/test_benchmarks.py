@@ -452,3 +452,20 @@ def test_evaluate_rejects_unknown_query_ids(tmp_path, capsys):
     code, err = _evaluate(capsys, "--dataset", "shoes", "--root", str(SHOES), "--split", "test", "--rankings", str(f))
     assert code == 2
     assert err.strip() == f"error: {f}: query '99999' is not a query of shoes test (1 unknown ids; wrong split or dataset?)"
+
+
+def test_submit_from_a_checkpoint_refuses_a_too_small_gallery_before_encoding(trained, tmp_path, png_bytes, capsys):
+    """A test1 cut to 4 queries has a gallery of at most 24 images: refused at once, one line, nothing written."""
+    root, names = _cirr_tree(tmp_path, "test1", png_bytes)
+    caps = json.loads((root / "cirr" / "captions" / "cap.rc2.test1.json").read_text())[:4]
+    keep = {m for q in caps for m in q["img_set"]["members"]} | {q["reference"] for q in caps}
+    (root / "cirr" / "captions" / "cap.rc2.test1.json").write_text(json.dumps(caps))
+    (root / "cirr" / "image_splits" / "split.rc2.test1.json").write_text(json.dumps({n: p for n, p in names.items() if n in keep}))
+    out = tmp_path / "sub"
+    args = ["submit", "--dataset", "cirr", "--root", str(root), "--split", "test1", "--ckpt", str(trained / "last.ckpt"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"has {len(keep)} gallery images" in err[0] and "at least 51" in err[0]
+    assert not any(out.glob("*.json"))
+    assert "embedding" not in err[0]

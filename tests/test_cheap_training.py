@@ -215,3 +215,30 @@ def test_minilm_overlay_builds_the_minilm_init_ablation_variant(capsys):
     assert (qf.hidden_size, qf.num_heads, qf.intermediate_size, qf.num_layers) == (384, 12, 1536, 2)
     assert cfg["data"]["synthetic"] is True and cfg["trainer"]["max_epochs"] == 5  # the rest is the default recipe
     assert cfg["trainer"]["default_root_dir"] == "checkpoints/synthetic-minilm"  # never overwrites the default run
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_cache_with_hard_and_reference_negatives_trains_at_every_precision(easy_bench, tmp_path, precision):
+    """The BLIP-2 config's own combination: bf16 autocast, the float16 feature cache and listed
+    hard negatives (CIRR's image sets) in one step (it failed in torch.cat under autocast)."""
+    args = [
+        "--model.net.freeze_vision",
+        "true",
+        "--model.feature_cache",
+        str(tmp_path / "cache"),
+        "--data.hard_negatives",
+        "1",
+        "--data.reference_negative",
+        "true",
+        "--trainer.precision",
+        precision,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    assert main(fit_args(easy_bench, tmp_path / "run", *args)) == 0
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 2 and all(np.isfinite(losses))

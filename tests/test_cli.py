@@ -127,15 +127,33 @@ def test_index_and_search_agree_with_rank(easy_bench, trained, tmp_path, capsys)
                 "--text",
                 t.text,
                 "-k",
-                "11",
+                "10",
                 "--json",
             ]
         )
         == 0
     )
     hits = json.loads(capsys.readouterr().out)
-    ids = [h["id"] for h in hits if h["id"] != t.reference][:10]  # search does not know the reference
-    assert ids == rankings[t.id]
+    ids = [h["id"] for h in hits]  # the query image is a gallery image: left out, as rank leaves the reference out
+    assert ids == rankings[t.id] and t.reference not in ids
+    keep = [
+        "search",
+        "--index",
+        str(index_dir),
+        "--ckpt",
+        ckpt,
+        "--image",
+        str(ds.image_path(t.reference)),
+        "--text",
+        t.text,
+        "-k",
+        "11",
+        "--json",
+        "--keep-query-image",
+    ]
+    assert main(keep) == 0
+    kept = [h["id"] for h in json.loads(capsys.readouterr().out)]
+    assert [i for i in kept if i != t.reference][:10] == rankings[t.id]
     assert all(h["caption"] for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 

@@ -148,3 +148,17 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope.ckpt'} not found"]
+
+
+def test_own_data_under_the_synthetic_default_names_the_switch(bench_copy, tmp_path, capsys):
+    """`csmcir fit --config configs/synthetic.yaml --data.root MYDATA` on a custom-format folder is
+    told about --data.synthetic false, and nothing in the folder is touched."""
+    from pathlib import Path
+
+    (bench_copy / "benchmark.json").unlink()  # now just a team's own custom-format folder
+    before = sorted(p.relative_to(bench_copy) for p in bench_copy.rglob("*"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
+    assert main(["fit", "--config", str(config), "--data.root", str(bench_copy), "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = _one_line_error(capsys)
+    assert "--data.synthetic false" in err and str(bench_copy) in err and "delete" not in err
+    assert sorted(p.relative_to(bench_copy) for p in bench_copy.rglob("*")) == before

@@ -353,3 +353,158 @@ def test_eva_files_the_tower_cannot_represent_are_refused_by_file_and_key(tmp_pa
     torch.save({"blocks.0.attn.q_bias": torch.ones(32)}, tmp_path / "eva_half.pth")
     with pytest.raises(CsmcirError, match=r"eva_half.pth: .*layers.0.self_attn.q_bias has no v_bias"):
         load_pretrained(_tower(), "lavis", str(tmp_path / "eva_half.pth"))
+
+
+def _save_itm_checkpoint(folder, vocab_size=30523):
+    """A tiny random Blip2ForImageTextRetrieval with the ITM checkpoints' vocabulary (BERT's 30522
+    plus the decoder token), saved as the hub folder is laid out."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    torch.manual_seed(5)
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+        qformer_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            cross_attention_frequency=1,
+            use_qformer_text_input=True,
+        ),
+        num_query_tokens=3,
+        image_text_hidden_size=24,
+    )
+    Blip2ForImageTextRetrieval(cfg).eval().save_pretrained(folder)
+
+
+def test_hf_blip2_sizes_come_from_the_checkpoints_config(tmp_path):
+    """The README's fit command names only the folder: vocabulary 30523, widths, depths, query
+    tokens, projection and the ViT's sizes are read from its config.json, not set by hand."""
+    from csmcir.models import build_network
+
+    _save_itm_checkpoint(tmp_path / "itm")
+    messages = []
+    net = build_network(
+        NetworkSpec(model="tiny", overrides={"vision": {"kind": "blip2_vit"}}, init={"source": "hf_blip2", "path": str(tmp_path / "itm")}),
+        info=messages.append,
+    )
+    cfg = net.cfg
+    assert cfg.qformer.vocab_size == 30523 and (cfg.qformer.hidden_size, cfg.qformer.num_query_tokens, cfg.embed_dim) == (32, 3, 24)
+    assert (cfg.vision.width, cfg.vision.layers, cfg.vision.image_size, round(cfg.vision.width * cfg.vision.mlp_ratio)) == (48, 2, 28, 96)
+    assert net.text_embeddings.word_embeddings.weight.shape == (30523, 32)
+    # the leftovers are named with the reason they are not used
+    assert "itm_head* (2: BLIP-2's image-text matching head" in messages[0] and "text_projection*" in messages[0]
+    # an override that contradicts the checkpoint is refused naming both values
+    with pytest.raises(CsmcirError, match=r"qformer.vocab_size = 30522, but the init checkpoint's config fixes 30523"):
+        build_network(
+            NetworkSpec(
+                model="tiny",
+                overrides={"vision": {"kind": "blip2_vit"}, "qformer": {"vocab_size": 30522}},
+                init={"source": "hf_blip2", "path": str(tmp_path / "itm")},
+            )
+        )
+
+
+def test_the_readme_blip2_command_shape_fits_a_checkpoint_of_other_sizes(easy_bench, tmp_path):
+    """`csmcir fit ... --model.net.init.path FOLDER` on a checkpoint whose sizes differ from the
+    named config (and a vocabulary of 30523) trains; the data follow the checkpoint's image size."""
+    from csmcir.cli import main
+
+    from .conftest import fit_args
+
+    _save_itm_checkpoint(tmp_path / "itm")
+    init = '{"source": "hf_blip2", "path": "%s"}' % (tmp_path / "itm")
+    rc = main(
+        fit_args(
+            easy_bench,
+            tmp_path / "run",
+            "--model.net.overrides",
+            '{"vision": {"kind": "blip2_vit"}}',
+            "--model.net.init",
+            init,
+            "--trainer.fast_dev_run",
+            "true",
+        )
+    )
+    assert rc == 0
+
+
+def test_a_frozen_pretrained_tower_is_not_stored_in_checkpoints_but_rebuilt(easy_bench, tmp_path, capsys):
+    """LAVIS saves only what trains: a fit on a frozen hf_blip2 ViT writes checkpoints without
+    model.vision.*, recording source and digest; ranking and resuming rebuild the tower from the
+    source; a missing or changed source is refused in one line."""
+    import json
+    import shutil
+
+    from csmcir.cli import main
+    from csmcir.inference import Encoder
+
+    from .conftest import fit_args
+
+    _save_itm_checkpoint(tmp_path / "itm")
+    init = '{"source": "hf_blip2", "path": "%s"}' % (tmp_path / "itm")
+    run = tmp_path / "run"
+    args = [
+        "--model.net.overrides",
+        '{"vision": {"kind": "blip2_vit"}}',
+        "--model.net.init",
+        init,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
+    assert main(fit_args(easy_bench, run, *args)) == 0
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("model.vision.") for k in ckpt["state_dict"])
+    assert ckpt["csmcir"]["frozen_vision"]["init"][0]["source"] == "hf_blip2"
+    # inference rebuilds the tower: the same embeddings as the model that trained
+    enc = Encoder.from_checkpoint(run / "last.ckpt", "cpu")
+    ref = CIRDualTower(enc.model.cfg)
+    load_pretrained(ref, "hf_blip2", str(tmp_path / "itm"), allow_partial=True)
+    torch.testing.assert_close(enc.model.vision.state_dict(), ref.vision.state_dict())
+    assert (
+        main(
+            [
+                "rank",
+                "--ckpt",
+                str(run / "last.ckpt"),
+                "--root",
+                str(easy_bench),
+                "--split",
+                "val",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
+    # resuming rebuilds it too
+    assert (
+        main(fit_args(easy_bench, run, *args[:-4], "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--ckpt_path", "last"))
+        == 0
+    )
+    # a missing source, and other weights at the recorded path, are refused naming the checkpoint
+    shutil.move(tmp_path / "itm", tmp_path / "moved")
+    capsys.readouterr()
+    out = ["rank", "--ckpt", str(run / "last.ckpt"), "--root", str(easy_bench), "--split", "val", "--out", str(tmp_path / "r2.json")]
+    assert main(out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not store its frozen vision tower" in err[0] and str(run / "last.ckpt") in err[0]
+    _save_itm_checkpoint(tmp_path / "itm")  # the same file again, then one ViT tensor changed
+    cfg_file = tmp_path / "itm" / "config.json"
+    sd_path = next((tmp_path / "itm").glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(sd_path)
+    k = next(k for k in sd if k.startswith("vision_model.") and sd[k].is_floating_point())
+    sd[k] = sd[k] + 1
+    save_file(sd, sd_path, metadata={"format": "pt"})
+    assert json.loads(cfg_file.read_text())
+    capsys.readouterr()
+    assert main(out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ from the ones it was trained with" in err[0]

@@ -119,6 +119,13 @@ class CIRDataModule(L.LightningDataModule):
         if self.hparams.synthetic:
             from .synthetic import ensure_benchmark
 
+            own = sorted(root.glob("triplets.*.jsonl")) if root.is_dir() and not (root / "benchmark.json").exists() else []
+            if own:  # the user's own data under the synthetic default's settings
+                raise CsmcirError(
+                    f"data.root {root} holds your own data in the custom format ({own[0].name}), not the synthetic "
+                    "benchmark: add --data.synthetic false to train on it"
+                )
+
             ensure_benchmark(root, seed=self.hparams.synth_seed, difficulty=self.hparams.synth_difficulty, workers=os.cpu_count() or 1)
         elif empty:
             raise CsmcirError(f"data.root {root} is missing or empty (set data.synthetic=true to generate the synthetic benchmark)")

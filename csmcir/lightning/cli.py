@@ -10,9 +10,9 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from ..config import get_model_config
 from ..data.datamodule import CIRDataModule
 from ..errors import CsmcirError
+from ..models import NetworkSpec
 from .callbacks import LastCheckpoint, TrainSpeed
 from .module import CIRModule
 
@@ -39,8 +39,9 @@ class CsmcirCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         # data fields that must agree with the model come from the model config, in one place
-        parser.link_arguments(("model.net.model", "model.net.overrides"), "data.max_text_len", compute_fn=_model_max_text_len)
-        parser.link_arguments(("model.net.model", "model.net.overrides"), "data.tower_image_size", compute_fn=_model_image_size)
+        net = ("model.net.model", "model.net.overrides", "model.net.init")
+        parser.link_arguments(net, "data.max_text_len", compute_fn=_model_max_text_len)
+        parser.link_arguments(net, "data.tower_image_size", compute_fn=_model_image_size)
         # Always-on callbacks, each configurable under its own key (e.g. --checkpoint_last.every_n_train_steps 50).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint_best")
         parser.set_defaults(
@@ -116,11 +117,15 @@ def run_lightning_cli(args: list[str]) -> None:
         sys.argv = saved
 
 
-def _model_max_text_len(model: str, overrides) -> int:
+def _model_config(model: str, overrides, init):
+    return NetworkSpec(model=model, overrides=overrides, init=init).model_config()
+
+
+def _model_max_text_len(model: str, overrides, init) -> int:
     """``data.max_text_len`` = the model config's ``qformer.max_text_len``."""
-    return get_model_config(model, overrides).qformer.max_text_len
+    return _model_config(model, overrides, init).qformer.max_text_len
 
 
-def _model_image_size(model: str, overrides) -> int:
+def _model_image_size(model: str, overrides, init) -> int:
     """``data.tower_image_size`` = the vision tower's input side."""
-    return get_model_config(model, overrides).vision.image_size
+    return _model_config(model, overrides, init).vision.image_size

@@ -152,7 +152,12 @@ class CIRModule(L.LightningModule):
         q = self.model.encode(b.query_ids, b.query_mask, image_features=ref_features)
         pixels, ids, mask, rows = b.target, b.caption_ids, b.caption_mask, b.target_row
         if b.neg is not None:
-            pixels = torch.cat([pixels, b.neg.flatten(0, 1).to(pixels.dtype)])
+            negs = b.neg.flatten(0, 1)
+            if pixels.is_floating_point():
+                # cached features (float16) in the model's dtype first: under CPU bf16 autocast,
+                # torch.cat of float16 tensors fails ("Unexpected floating ScalarType")
+                pixels, negs = self.model.encode_image(pixels), self.model.encode_image(negs)
+            pixels = torch.cat([pixels, negs.to(pixels.dtype)])
             ids = torch.cat([ids, b.neg_caption_ids.flatten(0, 1)])
             mask = torch.cat([mask, b.neg_caption_mask.flatten(0, 1)])
             rows = torch.cat([rows, b.neg_rows.flatten()])
@@ -449,19 +454,41 @@ class CIRModule(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store what inference needs, in types ``torch.load(weights_only=True)`` accepts."""
+        """Store what inference needs, in types ``torch.load(weights_only=True)`` accepts. A
+        frozen pretrained vision tower is not stored: the checkpoint records its sources and
+        digest (``frozen_vision``), and loading rebuilds it from them (as LAVIS saves only what
+        trains)."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         text = getattr(dm, "text_config", None)
-        checkpoint[CHECKPOINT_KEY] = {
+        meta = {
             "format": CHECKPOINT_FORMAT,
             "model_config": self.model_config.to_dict(),
             "text": text.to_dict() if text is not None else None,
         }
+        frozen = self._frozen_vision()
+        if frozen is not None:
+            meta["frozen_vision"] = frozen
+            sd = checkpoint["state_dict"]
+            for k in [k for k in sd if k.startswith(("model.vision.", "ema_model.vision."))]:
+                del sd[k]
+        checkpoint[CHECKPOINT_KEY] = meta
+
+    def _frozen_vision(self) -> dict | None:
+        """``{"init": [...], "digest": ...}`` of a frozen tower loaded from pretrained weights."""
+        if self.model.vision_source is None or self._vision_trains():
+            return None
+        if getattr(self, "_vision_digest", None) is None:
+            from ..data.feature_cache import tower_key
+
+            self._vision_digest = tower_key(self.model.vision, asdict(self.model_config.vision))
+        return {"init": list(self.model.vision_source), "digest": self._vision_digest}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from ..inference import check_checkpoint_format
+        from ..inference import check_checkpoint_format, restore_frozen_vision
 
         check_checkpoint_format(checkpoint, "the checkpoint being resumed", resumable=True)
+        # the tower was rebuilt from model.net.init with the module: it must be the one trained with
+        restore_frozen_vision(checkpoint, self.model, "the checkpoint being resumed", prefixes=("model.", "ema_model."), ema=self.ema_model)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):

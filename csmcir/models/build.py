@@ -59,7 +59,45 @@ class NetworkSpec:
     grad_checkpointing: bool = False
 
     def model_config(self) -> ModelConfig:
-        return get_model_config(self.model, self.overrides)
+        """The named config, with the sizes the ``init`` checkpoints fix (a ``hf_blip2`` folder's
+        ``config.json``: its vocabulary, widths, depths, query tokens; the EVA ViT's sizes when the
+        tower is ``blip2_vit``) and then ``overrides``. An override that contradicts a size the
+        checkpoint fixes is an error naming both."""
+        from .weights import checkpoint_sizes
+
+        base = get_model_config(self.model)
+        fixed: dict[str, Any] = {}
+        for s in init_sources(self.init):
+            for section, values in checkpoint_sizes(s.source, s.path).items():
+                kind = ((self.overrides or {}).get("vision") or {}).get("kind", base.vision.kind)
+                if section == "vision" and kind != "blip2_vit":
+                    continue  # the ViT's sizes only bind a tower that takes its weights
+                if isinstance(values, dict):
+                    fixed.setdefault(section, {}).update(values)
+                else:
+                    fixed[section] = values
+        for section, values in (self.overrides or {}).items():
+            got = fixed.get(section)
+            clash = (
+                {k: (got[k], v) for k, v in values.items() if k in got and got[k] != v}
+                if isinstance(values, dict) and isinstance(got, dict)
+                else ({section: (got, values)} if got is not None and not isinstance(got, dict) and got != values else {})
+            )
+            if clash:
+                k, (theirs, ours) = next(iter(clash.items()))
+                name = f"{section}.{k}" if k != section else section
+                raise CsmcirError(
+                    f"model.net.overrides sets {name} = {ours!r}, but the init checkpoint's config fixes "
+                    f"{theirs!r}: drop the override (the sizes come from the checkpoint)"
+                )
+        merged: dict[str, Any] = {}
+        for part in (fixed, self.overrides or {}):
+            for section, values in part.items():
+                if isinstance(values, dict):
+                    merged.setdefault(section, {}).update(values)
+                else:
+                    merged[section] = values
+        return get_model_config(self.model, merged or None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,17 +129,20 @@ def build_network(spec: NetworkSpec | None = None, info=None, **kwargs) -> CIRDu
     loaded: list[str] = []
     sources = init_sources(spec.init)
     if sources:
-        from .weights import load_pretrained
+        from .weights import explain_unused, load_pretrained
 
         report = load_pretrained(net, [(s.source, s.path) for s in sources], allow_partial=any(s.allow_partial for s in sources))
         loaded = report["loaded"]
+        unused = f"{len(report['unused'])} unused" + (f": {explain_unused(report['unused'])}" if report["unused"] else "")
         info(
             f"model.net.init: {len(loaded)} tensors from {', '.join(f'{s.source} {s.path}' for s in sources)}; "
-            f"{len(report['missing'])} missing, {len(report['unused'])} unused"
+            f"{len(report['missing'])} missing, {unused}"
         )
     pretrained_vision = any(k.startswith("vision.") for k in loaded)
     if spec.freeze_vision or (spec.freeze_vision is None and pretrained_vision):
         net.vision.requires_grad_(False)
+        if pretrained_vision:  # checkpoints then record where the frozen tower comes from instead of storing it
+            net.vision_source = [asdict(s) for s in sources]
     if spec.grad_checkpointing:
         qf = net.qformer
         if hasattr(qf, "activation_checkpointing_enable"):  # transformers >= 5

@@ -33,6 +33,9 @@ class CIRDualTower(nn.Module):
         self.qformer = Blip2QFormerModel(qcfg)
         self.proj = nn.Linear(qcfg.hidden_size, cfg.embed_dim)
         self.num_query_tokens = cfg.qformer.num_query_tokens
+        # where a frozen pretrained vision tower's weights come from (``model.net.init`` entries,
+        # set by build_network); checkpoints store this instead of the tower
+        self.vision_source: list[dict] | None = None
 
     @property
     def embed_dim(self) -> int:

@@ -56,7 +56,16 @@ import torch
 
 from ..errors import CsmcirError
 
-__all__ = ["load_pretrained", "map_bert", "map_efficientnet", "map_hf_blip2", "map_hf_clip", "map_lavis", "read_state_dict"]
+__all__ = [
+    "checkpoint_sizes",
+    "load_pretrained",
+    "map_bert",
+    "map_efficientnet",
+    "map_hf_blip2",
+    "map_hf_clip",
+    "map_lavis",
+    "read_state_dict",
+]
 
 _FFN = re.compile(r"^(qformer\.encoder\.layer\.\d+\.)(intermediate|output)\.(.*)$")
 
@@ -307,3 +316,80 @@ def load_pretrained(
         for k in loaded:
             own[k].copy_(mapped[k].to(own[k].dtype))
     return {"loaded": loaded, "missing": missing, "unused": sorted(set(unused))}
+
+
+def checkpoint_sizes(source: str, path: str) -> dict:
+    """The model-config sizes a checkpoint fixes, as nested overrides (``{"qformer": {...},
+    "vision": {...}, "embed_dim": ...}``), so that the network is built to the checkpoint's
+    shapes instead of by hand. Only ``hf_blip2`` folders carry them (their ``config.json``):
+    the Q-Former's vocabulary (30523 in the ITM checkpoints: BERT's plus the decoder token),
+    widths, depth, heads, query tokens, cross-attention frequency, the projection size, and the
+    EVA ViT's sizes (used when the tower is ``blip2_vit``). ``{}`` for other sources."""
+    import json
+
+    if source != "hf_blip2":
+        return {}
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CsmcirError(f"{cfg_file}: cannot read the checkpoint's config ({e})") from None
+    q, v = cfg.get("qformer_config") or {}, cfg.get("vision_config") or {}
+    sizes: dict = {"qformer": {}, "vision": {}}
+    for ours, theirs in (
+        ("vocab_size", "vocab_size"),
+        ("hidden_size", "hidden_size"),
+        ("num_layers", "num_hidden_layers"),
+        ("num_heads", "num_attention_heads"),
+        ("intermediate_size", "intermediate_size"),
+        ("cross_attention_frequency", "cross_attention_frequency"),
+    ):
+        if theirs in q:
+            sizes["qformer"][ours] = int(q[theirs])
+    if "num_query_tokens" in cfg:
+        sizes["qformer"]["num_query_tokens"] = int(cfg["num_query_tokens"])
+    for ours, theirs in (
+        ("width", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("image_size", "image_size"),
+        ("patch_size", "patch_size"),
+    ):
+        if theirs in v:
+            sizes["vision"][ours] = int(v[theirs])
+    if "intermediate_size" in v and "hidden_size" in v:
+        sizes["vision"]["mlp_ratio"] = float(v["intermediate_size"]) / float(v["hidden_size"])
+    if "image_text_hidden_size" in cfg:
+        sizes["embed_dim"] = int(cfg["image_text_hidden_size"])
+    return {k: val for k, val in sizes.items() if val != {}}
+
+
+# why a source's keys go unused, by prefix: said next to the count, so a user can tell an
+# expected leftover from a wrong checkpoint
+_UNUSED_REASONS = {
+    "itm_head.": "BLIP-2's image-text matching head (csmcir trains contrastive retrieval only)",
+    "text_projection.": "BLIP-2's text-only ITC projection (csmcir's one tower projects both sides with vision_projection)",
+    "temp": "BLIP-2's ITC temperature (csmcir's loss has its own)",
+    "cls.": "a language-model head",
+    "lm_head.": "a language-model head",
+    "pooler.": "BERT's pooler (the Q-Former pools its query tokens)",
+    "_fc.": "EfficientNet's ImageNet classifier",
+    "text_model.": "CLIP's text tower",
+    "visual_projection.": "CLIP's image projection",
+    "logit_scale": "CLIP's temperature",
+}
+
+
+def explain_unused(keys: list[str]) -> str:
+    """``"itm_head.* (2: BLIP-2's image-text matching head ...), ..."`` for the unused keys, grouped
+    by known prefix; keys of no known group are counted as ``other``."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        prefix = next((p for p in _UNUSED_REASONS if k.startswith(p)), None)
+        groups[prefix or "other"] = groups.get(prefix or "other", 0) + 1
+    parts = [f"{p.rstrip('.')}{'*' if p.endswith('.') else ''} ({n}: {_UNUSED_REASONS[p]})" for p, n in groups.items() if p != "other"]
+    if "other" in groups:
+        parts.append(f"{groups['other']} other")
+    return ", ".join(parts)

@@ -171,17 +171,20 @@ def build_index(
     return index
 
 
-def search(encoder, index, image, text: str, k: int = 10, captions: dict | None = None) -> list[dict]:
+def search(encoder, index, image, text: str, k: int = 10, captions: dict | None = None, exclude_ids=()) -> list[dict]:
     """The top ``k`` of ``index`` (a :class:`~csmcir.retrieval.index.GalleryIndex`) for one
     query: a PIL ``image`` and a modification ``text``. Each hit: ``rank``, ``id``, ``score`` and
-    its final ``caption`` (from ``captions``, e.g. the index's ``captions.jsonl``)."""
+    its final ``caption`` (from ``captions``, e.g. the index's ``captions.jsonl``). Ids in
+    ``exclude_ids`` (say, the reference image itself when it is in the gallery) are left out."""
     if index.dim != encoder.dim:
         raise CsmcirError(f"the index holds {index.dim}-d embeddings but the checkpoint makes {encoder.dim}-d ones")
-    scores, ids = index.search(encoder.encode([image], [text]), k)
+    exclude = set(exclude_ids)
+    scores, ids = index.search(encoder.encode([image], [text]), k + len(exclude))
     captions = captions or {}
+    kept = [(i, s) for i, s in zip(ids[0], scores[0]) if i not in exclude][:k]
     return [
         {"rank": r + 1, "id": i, "score": round(float(s), 4), "caption": captions[i].final if i in captions else ""}
-        for r, (i, s) in enumerate(zip(ids[0], scores[0]))
+        for r, (i, s) in enumerate(kept)
     ]
 
 

@@ -260,7 +260,10 @@ def _holds_matching(out: Path, seed: int, params: SynthParams) -> dict | None:
     marker = out / "benchmark.json"
     if not marker.is_file():
         if any(out.iterdir()):
-            raise CsmcirError(f"{out} is not empty and holds no complete benchmark (no benchmark.json); delete it or choose another folder")
+            raise CsmcirError(
+                f"{out} is not empty and holds no complete synthetic benchmark (no benchmark.json): "
+                "write the synthetic benchmark to another folder"
+            )
         return None
     info = _read_info(marker)
     expected = _expected_header(seed, params)
