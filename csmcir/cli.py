@@ -29,7 +29,8 @@ def _dataset(a, captions: bool = True):
 def _encoder(a):
     from .inference import Encoder
 
-    return Encoder.from_checkpoint(a.ckpt, a.device)
+    cache = getattr(a, "feature_cache", "auto")
+    return Encoder.from_checkpoint(a.ckpt, a.device, getattr(a, "dtype", "float32"), None if cache == "none" else cache)
 
 
 # -- synth --------------------------------------------------------------------------------------
@@ -404,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--captions", help="a real benchmark's caption file (default ROOT/captions.jsonl)")
         sp.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
         sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+        encoder_args(sp)
+
+    def encoder_args(sp):
+        sp.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, or auto (bfloat16 on a GPU)")
+        sp.add_argument(
+            "--feature-cache",
+            default="auto",
+            help="frozen-tower features to read by image id instead of running the vision tower: auto (default: "
+            "the fit's model.feature_cache, when it holds this tower's features), a folder, or none",
+        )
 
     s = sub.add_parser("index", help="embed a gallery (image + caption) into a faiss index with ids beside it")
     common(s)
@@ -589,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ckpt", help="rank with this checkpoint instead (the whole gallery for CIRR)")
     s.add_argument("--captions", help="caption file for the checkpoint's target side (default ROOT/captions.jsonl)")
     s.add_argument("--device", default="auto", help="with --ckpt: auto, cpu, cuda, ...")
+    encoder_args(s)
     s.add_argument("--batch-size", type=int, default=256, help="with --ckpt: images per forward pass")
     s.add_argument("--out", required=True, help="folder for the submission files")
     s.add_argument("--name", default="csmcir", help="suffix of the file names (default csmcir)")

@@ -83,9 +83,21 @@ class Encoder:
     text: TextConfig
     device: torch.device
     checkpoint: str = ""
+    # the frozen tower's cached features (csmcir.data.feature_cache.CachedFeatures), read instead
+    # of running the vision tower on images the fit already encoded
+    features: object | None = None
+    # the compute dtype: float32, or bfloat16/float16 under autocast (weights stay float32)
+    dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Encoder:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype: str = "float32", feature_cache: str | None = "auto") -> Encoder:
+        """The trained tower of ``path`` on ``device``, computing in ``dtype`` (``bfloat16``,
+        ``float16``: autocast mixed precision, weights kept float32; ``auto``: bfloat16 on a GPU,
+        float32 on a CPU; outputs are float32 either way). ``feature_cache``: a folder of frozen-tower
+        features to read by image id (``auto``: the fit's ``model.feature_cache`` when it exists
+        and holds this tower's features; ``None``: always run the vision tower)."""
+        from .devices import resolve_dtype
+
         ckpt = read_checkpoint(path)
         meta = ckpt[CHECKPOINT_KEY]
         cfg = ModelConfig.from_dict(meta["model_config"])
@@ -106,7 +118,17 @@ class Encoder:
             raise CsmcirError(f"{path}: weights do not match its model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         dev = resolve_device(device)
         text = TextConfig.from_dict(meta.get("text"), cfg)
-        return cls(model.to(dev).eval(), text, dev, f"{path}@{file_digest(path)}")
+        features = _cached_features(ckpt, model, feature_cache)
+        return cls(model.to(dev).eval(), text, dev, f"{path}@{file_digest(path)}", features, resolve_dtype(dtype, dev))
+
+    def _autocast(self):
+        """Mixed precision for ``dtype`` other than float32 (weights stay float32, as Lightning's
+        ``bf16-mixed``); nothing for float32."""
+        import contextlib
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     @property
     def dim(self) -> int:
@@ -117,10 +139,34 @@ class Encoder:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def encode(self, images: list, texts: list[str]) -> np.ndarray:
-        """Embed (PIL image, text) pairs; returns float32 ``[N, D]``, L2-normalised."""
-        # exactly as training saw pixels: resized at load time only if data.image_size was set,
-        # otherwise at native size and resized by the vision tower itself
+    def encode_ids(self, image_ids: list[str], texts: list[str], load_image) -> np.ndarray:
+        """Embed (image id, text) pairs: cached features where the feature cache has the id,
+        ``load_image(id)`` and the vision tower for the rest; float32 ``[N, D]``, L2-normalised."""
+        cached = [i in self.features for i in image_ids] if self.features is not None else [False] * len(image_ids)
+        if not any(cached):
+            return self.encode([load_image(i) for i in image_ids], texts)
+        shape = self._feature_shape()
+        feats = torch.empty((len(image_ids), *shape), dtype=self.model.proj.weight.dtype, device=self.device)
+        hit = [k for k, c in enumerate(cached) if c]
+        feats[hit] = self.features.get([image_ids[k] for k in hit], shape).to(self.device, feats.dtype)
+        miss = [k for k, c in enumerate(cached) if not c]
+        if miss:
+            with self._autocast():
+                feats[miss] = self.model.encode_image(self._pixels([load_image(image_ids[k]) for k in miss])).to(feats.dtype)
+        ids, mask = self.tokenize(texts)
+        with self._autocast():
+            return self.model.encode(ids, mask, image_features=feats).float().cpu().numpy()
+
+    def _feature_shape(self) -> tuple[int, int]:
+        if getattr(self, "_shape", None) is None:
+            side = self.model.cfg.vision.image_size
+            probe = torch.zeros(1, 3, side, side, dtype=torch.uint8, device=self.device)
+            self._shape = tuple(self.model.encode_image(probe).shape[1:])
+        return self._shape
+
+    def _pixels(self, images: list) -> torch.Tensor:
+        """uint8 ``[N, 3, S, S]`` exactly as training saw them: resized at load time only if the
+        text settings name an image size, otherwise at native size (resized by the tower)."""
         from PIL import Image
 
         size = self.text.image_size
@@ -132,9 +178,15 @@ class Encoder:
         if len({a.shape for a in arrays}) > 1:  # one batch needs one size: let the tower resize each
             side = self.model.cfg.vision.image_size
             arrays = [np.asarray(Image.fromarray(a).resize((side, side), Image.BICUBIC)) for a in arrays]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, images: list, texts: list[str]) -> np.ndarray:
+        """Embed (PIL image, text) pairs; returns float32 ``[N, D]``, L2-normalised."""
+        pixels = self._pixels(images)
         ids, mask = self.tokenize(texts)
-        return self.model.encode(ids, mask, pixels=pixels).float().cpu().numpy()
+        with self._autocast():
+            return self.model.encode(ids, mask, pixels=pixels).float().cpu().numpy()
 
 
 _NET_KEYS = {
@@ -170,6 +222,26 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> dict:
     with atomic_path(dst) as tmp:
         torch.save(ckpt, tmp)
     return {"from_format": fmt, "to_format": CHECKPOINT_FORMAT, "net": sorted(net), "renamed_tensors": len(renamed)}
+
+
+def _cached_features(ckpt: dict, model: CIRDualTower, feature_cache: str | None):
+    """The :class:`~csmcir.data.feature_cache.CachedFeatures` of this checkpoint's frozen tower,
+    or ``None`` (a trained tower, no cache folder, or nothing cached for this tower)."""
+    # (a fit with model.feature_cache had a frozen tower; the folder is keyed by the tower's weights)
+    if feature_cache is None:
+        return None
+    folder = (ckpt.get("hyper_parameters") or {}).get("feature_cache") if feature_cache == "auto" else feature_cache
+    if not folder or not Path(folder).is_dir():
+        return None
+    from dataclasses import asdict
+
+    from .data.feature_cache import CachedFeatures, tower_key
+
+    key = ((ckpt.get(CHECKPOINT_KEY) or {}).get("frozen_vision") or {}).get("digest") or tower_key(model.vision, asdict(model.cfg.vision))
+    if not (Path(folder) / key).is_dir():
+        return None
+    found = CachedFeatures(Path(folder) / key)
+    return found if len(found) else None
 
 
 def restore_frozen_vision(ckpt: dict, model: CIRDualTower, path, prefixes=("model.",), ema=None) -> None:

@@ -97,3 +97,17 @@ def test_no_library_module_imports_the_cli():
                 if n in ("csmcir.cli",) or (n.lstrip(".") == "cli" and len(rel.parts) == n.count(".")):
                     offenders.append(f"{rel}: {n}")
     assert not offenders, offenders
+
+
+def test_encoder_computes_in_bfloat16_under_autocast(easy_bench, trained):
+    """`--dtype bfloat16` (rank, index, submit, report): the same embeddings to bf16 rounding."""
+    import numpy as np
+
+    import csmcir
+
+    ds = csmcir.open_dataset("custom", easy_bench)
+    ids = ds.gallery("val")[:32]
+    images, texts = [ds.load_image(i) for i in ids], ["make the circle red"] * len(ids)
+    full = csmcir.Encoder.from_checkpoint(trained / "last.ckpt", "cpu").encode(images, texts)
+    half = csmcir.Encoder.from_checkpoint(trained / "last.ckpt", "cpu", dtype="bfloat16").encode(images, texts)
+    assert half.dtype == np.float32 and (full * half).sum(1).min() > 0.98

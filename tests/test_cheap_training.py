@@ -242,3 +242,30 @@ def test_cache_with_hard_and_reference_negatives_trains_at_every_precision(easy_
     assert main(fit_args(easy_bench, tmp_path / "run", *args)) == 0
     losses = _losses(tmp_path / "run")
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_inference_reads_the_fits_feature_cache_instead_of_rerunning_the_tower(easy_bench, tmp_path):
+    """rank/index/submit embed with the features the fit cached: no vision pass for a cached
+    image, embeddings within float16 rounding of running the tower, the same ranking."""
+    import csmcir
+
+    cache = tmp_path / "cache"
+    args = ["--model.net.freeze_vision", "true", "--model.feature_cache", str(cache), "--trainer.max_steps", "2"]
+    assert main(fit_args(easy_bench, tmp_path / "run", *args)) == 0
+    ds = csmcir.open_dataset("custom", easy_bench)
+    enc = csmcir.Encoder.from_checkpoint(tmp_path / "run" / "last.ckpt", "cpu")
+    assert enc.features is not None and all(i in enc.features for i in ds.gallery("val"))
+    calls = []
+    tower = enc.model.vision
+    tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    cached = csmcir.rank_split(enc, ds, "val", k=10, progress=False)
+    assert sum(calls) <= 1  # at most the one probe that reads the features' shape
+    plain = csmcir.Encoder.from_checkpoint(tmp_path / "run" / "last.ckpt", "cpu", feature_cache=None)
+    assert plain.features is None
+    ids = ds.gallery("val")[:64]
+    a = enc.encode_ids(ids, [""] * len(ids), ds.load_image)
+    b = plain.encode([ds.load_image(i) for i in ids], [""] * len(ids))
+    assert np.abs(a - b).max() < 2e-2
+    direct = csmcir.rank_split(plain, ds, "val", k=10, progress=False)
+    same = np.mean([x[:1] == y[:1] for x, y in zip(cached.as_dict().values(), direct.as_dict().values())])
+    assert same > 0.95

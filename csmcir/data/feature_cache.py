@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import CsmcirError
 from ..io import ensure_writable_dir
 
-__all__ = ["tower_key", "FeatureCache"]
+__all__ = ["tower_key", "CachedFeatures", "FeatureCache"]
 
 
 def tower_key(vision: torch.nn.Module, config: dict) -> str:
@@ -126,3 +126,53 @@ class FeatureCache:
 def _open(data: Path, n: int, tokens: int, width: int) -> torch.Tensor:
     # copy-on-write: torch wants a writable array; nothing is ever written back to the file
     return torch.from_numpy(np.memmap(data, dtype=np.float16, mode="c", shape=(n, tokens, width)))
+
+
+class CachedFeatures:
+    """Read-only lookup of every image already in a tower's cache folder, by image id, for the
+    inference commands (``rank``, ``index``, ``submit``, ``report``, ``search``): a split the
+    fit cached is not re-encoded by the ViT. Only rows marked done are used.
+
+    Args:
+        folder: ``<feature_cache>/<tower key>`` (the folder :class:`FeatureCache` writes).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.dir = Path(folder)
+        self._where: dict[str, tuple[Path, int]] = {}
+        self._shape: dict[Path, tuple[int, int, int]] = {}
+        self._open: dict[Path, np.ndarray] = {}
+        for id_file in sorted(self.dir.glob("*.ids.txt")):
+            stem = str(id_file)[: -len(".ids.txt")]
+            data, done_file = Path(stem + ".f16"), Path(stem + ".done.npy")
+            if not data.is_file() or not done_file.is_file():
+                continue
+            ids = id_file.read_text().split("\n")[:-1]
+            done = np.load(done_file)
+            if done.shape != (len(ids),) or not len(ids):
+                continue
+            per_row = data.stat().st_size // 2 // len(ids)
+            self._shape[data] = (len(ids), per_row)
+            for row, (image_id, ok) in enumerate(zip(ids, done)):
+                if ok and image_id not in self._where:
+                    self._where[image_id] = (data, row)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._where
+
+    def get(self, image_ids: list[str], shape: tuple[int, int]) -> torch.Tensor:
+        """``[len(image_ids), tokens, width]`` float16 features of cached ids (all must be)."""
+        tokens, width = shape
+        out = np.empty((len(image_ids), tokens, width), dtype=np.float16)
+        for k, image_id in enumerate(image_ids):
+            data, row = self._where[image_id]
+            n, per_row = self._shape[data]
+            if per_row != tokens * width:
+                raise CsmcirError(f"{data} holds features of {per_row} values per image, the tower makes {tokens}x{width}")
+            if data not in self._open:
+                self._open[data] = np.memmap(data, dtype=np.float16, mode="r", shape=(n, tokens, width))
+            out[k] = self._open[data][row]
+        return torch.from_numpy(out)

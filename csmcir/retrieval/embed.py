@@ -64,8 +64,11 @@ def embed_pairs(
     ):
         for b, start in enumerate(range(done, n, batch_size)):
             ids = image_ids[start : start + batch_size]
-            images = list(pool.map(dataset.load_image, ids))
-            out[start : start + len(ids)] = encoder.encode(images, texts[start : start + len(ids)])
+            if getattr(encoder, "features", None) is not None:  # the fit's cached features, by image id
+                out[start : start + len(ids)] = encoder.encode_ids(ids, texts[start : start + len(ids)], dataset.load_image)
+            else:
+                images = list(pool.map(dataset.load_image, ids))
+                out[start : start + len(ids)] = encoder.encode(images, texts[start : start + len(ids)])
             bar.update(len(ids))
             if partial is not None and (b + 1) % save_every == 0:
                 _save_partial(partial, key, out, start + len(ids))
