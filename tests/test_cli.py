@@ -237,3 +237,12 @@ def test_optimizer_and_scheduler_are_configured_through_the_cli(easy_bench, tmp_
     assert len(groups) == 2 and all(g["momentum"] == 0.5 for g in groups)
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # the module's groups, decay on weights only
     assert groups[0]["lr"] == 0.05 * 0.5**2  # StepLR stepped every step
+
+
+def test_a_fit_shorter_than_an_epoch_validates_at_its_end_and_keeps_a_best_checkpoint(easy_bench, tmp_path, recwarn):
+    out = tmp_path / "short"
+    assert main(fit_args(easy_bench, out, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1")) == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if r.get("val/R@1")] == ["2"]  # validated once, at the last step
+    assert list(out.glob("best-*.ckpt")) and (out / "last.ckpt").is_file()
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]

@@ -81,3 +81,26 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ValidateShortFit(L.Callback):
+    """Validate at the last step of a fit that would otherwise end without any validation.
+
+    A fit shorter than an epoch (``--trainer.max_steps 3`` on a 117-step epoch) never reaches the
+    end-of-epoch validation, so no best checkpoint is written and Lightning warns that
+    ``val/R@1`` is missing. Asking the loop to stop at the last step makes Lightning run the
+    validation loop there (its rule for stopping early); a fit that validated already is left alone.
+    """
+
+    def on_fit_start(self, trainer, pl_module):
+        self._validated = False
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._validated = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._validated or not trainer.max_steps or trainer.max_steps < 0 or not trainer.enable_validation:
+            return
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True

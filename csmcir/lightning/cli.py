@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from ..data.datamodule import CIRDataModule
 from ..errors import CsmcirError
 from ..models import NetworkSpec
-from .callbacks import LastCheckpoint, TrainSpeed
+from .callbacks import LastCheckpoint, TrainSpeed, ValidateShortFit
 from .module import CIRModule
 
 TRAINER_DEFAULTS = {
@@ -95,6 +95,7 @@ class CsmcirCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(ValidateShortFit())  # a fit shorter than an epoch still validates (best checkpoint)
         # Checkpoints go straight into default_root_dir (not into the logger's version_N folder),
         # so `--ckpt_path last` finds <default_root_dir>/last.ckpt from a later run.
         for cb in trainer.callbacks:
