@@ -86,10 +86,7 @@ def test_valid_dataset_reads(ds: Path):
 
 
 def test_round_trip(tmp_path: Path):
-    triplets = [
-        Triplet("q1", "a", "make it red", ("b", "c"), {"type": "colour"}),
-        Triplet("q2", "b", "ünïcode text", ("a",)),
-    ]
+    triplets = [Triplet("q1", "a", "make it red", ("b", "c"), {"type": "colour"}), Triplet("q2", "b", "ünïcode text", ("a",))]
     write_triplets(tmp_path / "t.jsonl", triplets)
     back = read_triplets(tmp_path / "t.jsonl")
     assert back == triplets and back[0].meta == {"type": "colour"}

@@ -65,11 +65,7 @@ def test_search_dimension_mismatch_names_both(small_index):
 
 @pytest.mark.parametrize(
     "queries, pattern",
-    [
-        (np.zeros(16, dtype=np.float32), "2-D"),
-        (np.full((2, 16), np.nan, dtype=np.float32), "NaN"),
-        ([["a"] * 16], "numeric"),
-    ],
+    [(np.zeros(16, dtype=np.float32), "2-D"), (np.full((2, 16), np.nan, dtype=np.float32), "NaN"), ([["a"] * 16], "numeric")],
 )
 def test_search_bad_queries(small_index, queries, pattern):
     with pytest.raises(CsmcirError, match=pattern):
@@ -354,9 +350,7 @@ def test_load_missing_file(tmp_path, small_index, name):
 
 
 @pytest.mark.parametrize(
-    "garbage",
-    [b"", b"\x00" * 64, bytes(range(256)) * 4, b"IxFI" + b"\xff" * 60],
-    ids=["empty", "zeros", "bytes", "flat-header-then-junk"],
+    "garbage", [b"", b"\x00" * 64, bytes(range(256)) * 4, b"IxFI" + b"\xff" * 60], ids=["empty", "zeros", "bytes", "flat-header-then-junk"]
 )
 def test_load_corrupt_index(tmp_path, small_index, garbage):
     small_index.save(tmp_path)

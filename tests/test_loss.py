@@ -87,19 +87,11 @@ def test_bidirectional_masks_false_negatives_in_the_target_direction():
     mask = same_target_mask(torch.tensor([10, 11, 12, 20, 21]), torch.tensor([[10, 11], [11, -1], [12, -1]]))
     s = q @ cand.T
     q2t = torch.stack(
-        [
-            -(s[0, 0] - torch.logsumexp(s[0, [0, 2, 3, 4]], 0)),
-            -(s[1, 1] - s[1].logsumexp(0)),
-            -(s[2, 2] - s[2].logsumexp(0)),
-        ]
+        [-(s[0, 0] - torch.logsumexp(s[0, [0, 2, 3, 4]], 0)), -(s[1, 1] - s[1].logsumexp(0)), -(s[2, 2] - s[2].logsumexp(0))]
     ).mean()
     st = s[:, :3].T  # [target, query]
     t2q = torch.stack(
-        [
-            -(st[0, 0] - st[0].logsumexp(0)),
-            -(st[1, 1] - torch.logsumexp(st[1, [1, 2]], 0)),
-            -(st[2, 2] - st[2].logsumexp(0)),
-        ]
+        [-(st[0, 0] - st[0].logsumexp(0)), -(st[1, 1] - torch.logsumexp(st[1, [1, 2]], 0)), -(st[2, 2] - st[2].logsumexp(0))]
     ).mean()
     got = info_nce(q, cand, torch.tensor(0.0), mask, bidirectional=True)
     torch.testing.assert_close(got, (q2t + t2q) / 2)

@@ -165,11 +165,7 @@ def test_recall_by_group_hand_computed():
     got = recall_by_group(rankings, targets, groups, k=1)
     assert got == {"dress": 50.0, "shirt": 50.0, "toptee": 100.0}
     assert list(got) == ["dress", "shirt", "toptee"]  # sorted by name
-    assert recall_by_group(rankings, targets, groups, k=2) == {
-        "dress": 100.0,
-        "shirt": 100.0,
-        "toptee": 100.0,
-    }
+    assert recall_by_group(rankings, targets, groups, k=2) == {"dress": 100.0, "shirt": 100.0, "toptee": 100.0}
     with pytest.raises(ValueError, match="group labels"):
         recall_by_group(rankings, targets, groups[:-1])
 

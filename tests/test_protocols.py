@@ -4,14 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csmcir.retrieval.protocols import (
-    ProtocolError,
-    circo_map_at_k,
-    cirr_metrics,
-    fashioniq_metrics,
-    recall_at_k,
-    recall_subset_at_k,
-)
+from csmcir.retrieval.protocols import ProtocolError, circo_map_at_k, cirr_metrics, fashioniq_metrics, recall_at_k, recall_subset_at_k
 
 # ------------------------------------------------------------------------- hand-computed values
 
@@ -31,12 +24,7 @@ def test_cirr_subset_and_average():
     # gallery ranking: ref first, then two images outside the set, then set members
     rankings = {"0": ["ref", "o1", "o2", "m2", "tgt", "m3", "m4", "m5", "o3"]}
     members = {"0": ["ref", "tgt", "m2", "m3", "m4", "m5"]}
-    out = cirr_metrics(
-        rankings,
-        {"0": "tgt"},
-        members,
-        {"0": "ref"},
-    )
+    out = cirr_metrics(rankings, {"0": "tgt"}, members, {"0": "ref"})
     # reference removed: o1 o2 m2 tgt -> target at rank 4
     assert (out["R@1"], out["R@5"], out["R@10"]) == (0.0, 100.0, 100.0)
     # subset: m2 tgt m3 ... -> target at rank 2

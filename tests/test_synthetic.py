@@ -19,27 +19,10 @@ import numpy as np
 import pytest
 
 from csmcir.data.custom import CustomCIR
-from csmcir.data.synthetic import (
-    DIFFICULTIES,
-    GENERATOR_VERSION,
-    HELDOUT_PAIRS,
-    caption_scene,
-    ensure_benchmark,
-    generate,
-)
+from csmcir.data.synthetic import DIFFICULTIES, GENERATOR_VERSION, HELDOUT_PAIRS, caption_scene, ensure_benchmark, generate
 from csmcir.data.synthetic.builder import _drawing, build_split, render_config
 from csmcir.data.synthetic.render import render
-from csmcir.data.synthetic.scene import (
-    BACKGROUND,
-    COLOURS,
-    PATTERNS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Obj,
-    make_scene,
-    sample_scene,
-)
+from csmcir.data.synthetic.scene import BACKGROUND, COLOURS, PATTERNS, POSITIONS, SHAPES, SIZES, Obj, make_scene, sample_scene
 from csmcir.errors import CsmcirError
 
 EASY = DIFFICULTIES["easy"]

@@ -81,8 +81,7 @@ class PromptTemplate:
         alternatives = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
         # "2. Objects: ...", "**Objects**: ...", "- objects - ...", "Final caption: ..."
         return re.compile(
-            rf"^\s*(?:[-*#>]+\s*)?(?:\d+\s*[.)]\s*)?\**\s*({alternatives})(?:\s+caption)?\s*\**\s*[:\-–]\s*\**\s*(.*)$",
-            re.IGNORECASE,
+            rf"^\s*(?:[-*#>]+\s*)?(?:\d+\s*[.)]\s*)?\**\s*({alternatives})(?:\s+caption)?\s*\**\s*[:\-–]\s*\**\s*(.*)$", re.IGNORECASE
         )
 
     def parse(self, raw: str) -> ParsedCaption:

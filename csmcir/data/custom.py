@@ -248,13 +248,7 @@ def triplet_to_json(t: Triplet) -> dict[str, Any]:
         raise CsmcirError(f"query {t.id!r} has no targets")
     for target in t.targets:
         _check_id(target, f"target of query {t.id!r}")
-    out = {
-        "id": t.id,
-        "reference": t.reference,
-        "text": t.text,
-        "targets": list(t.targets),
-        "meta": t.meta,
-    }
+    out = {"id": t.id, "reference": t.reference, "text": t.text, "targets": list(t.targets), "meta": t.meta}
     if t.negatives:
         out["negatives"] = list(t.negatives)
     return out
@@ -273,14 +267,7 @@ def write_gallery(path: str | Path, ids: Iterable[str]) -> None:
 def write_captions(path: str | Path, captions: Iterable[Caption] | Mapping[str, Caption]) -> None:
     """Write ``captions.jsonl`` atomically from a list or the dict :func:`read_captions` returns."""
     items = captions.values() if isinstance(captions, Mapping) else captions
-    records = (
-        {
-            "image_id": _check_id(c.image_id, "caption image_id"),
-            "levels": c.levels,
-            "final": c.final,
-        }
-        for c in items
-    )
+    records = ({"image_id": _check_id(c.image_id, "caption image_id"), "levels": c.levels, "final": c.final} for c in items)
     atomic_write_text(path, _jsonl(records))
 
 

@@ -102,13 +102,7 @@ class SplitStore:
         return out
 
     @classmethod
-    def build(
-        cls,
-        dataset: CustomCIR,
-        split: str,
-        text: TextConfig | None = None,
-        missing_caption: str = "error",
-    ) -> SplitStore:
+    def build(cls, dataset: CustomCIR, split: str, text: TextConfig | None = None, missing_caption: str = "error") -> SplitStore:
         """Decode and tokenise ``split`` of ``dataset`` as ``text`` says (default :class:`TextConfig`)."""
         from ..tokenizer import load_tokenizer
 

@@ -72,8 +72,7 @@ class CIRDualTower(nn.Module):
         queries = self.query_tokens.expand(b, -1, -1)
         x = self.text_embeddings(input_ids=input_ids, query_embeds=queries)
         mask = torch.cat(
-            [torch.ones(b, self.num_query_tokens, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask],
-            dim=1,
+            [torch.ones(b, self.num_query_tokens, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1
         )
         out = self.qformer(
             query_embeds=x,

@@ -72,11 +72,7 @@ class ConvTower(VisionTower):
             raise CsmcirError(f"vision.blocks {cfg.blocks} needs one count per stage of vision.channels {cfg.channels}")
         c_in = 3
         for c, n_blocks in zip(cfg.channels, cfg.blocks):
-            layers += [
-                nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
-                nn.GroupNorm(8 if c % 8 == 0 else 1, c),
-                nn.GELU(),
-            ]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8 if c % 8 == 0 else 1, c), nn.GELU()]
             layers += [_ResBlock(c) for _ in range(n_blocks)]
             c_in = c
         self.body = nn.Sequential(*layers)

@@ -202,12 +202,7 @@ class GalleryIndex:
 
     @classmethod
     def build(
-        cls,
-        embeddings: np.ndarray,
-        ids: Sequence[str],
-        kind: str = "flat",
-        info: dict | None = None,
-        use_gpu: bool | None = None,
+        cls, embeddings: np.ndarray, ids: Sequence[str], kind: str = "flat", info: dict | None = None, use_gpu: bool | None = None
     ) -> GalleryIndex:
         """Index ``embeddings`` (row ``i`` is gallery item ``ids[i]``) for inner-product search.
 
@@ -403,11 +398,7 @@ class GalleryIndex:
         try:
             # Context managers exit in reverse order: index.faiss, ids.txt, then index_info.json
             # are renamed into place.
-            with (
-                atomic_path(info_path) as info_tmp,
-                atomic_path(ids_path) as ids_tmp,
-                atomic_path(index_path) as index_tmp,
-            ):
+            with atomic_path(info_path) as info_tmp, atomic_path(ids_path) as ids_tmp, atomic_path(index_path) as index_tmp:
                 current = index_path
                 try:
                     faiss.write_index(index, str(index_tmp))

@@ -32,11 +32,7 @@ __all__ = [
 
 
 def topk_rankings(
-    query_emb: torch.Tensor,
-    gallery_emb: torch.Tensor,
-    k: int,
-    exclude: Sequence[int | None] | None = None,
-    chunk: int = 1024,
+    query_emb: torch.Tensor, gallery_emb: torch.Tensor, k: int, exclude: Sequence[int | None] | None = None, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank the gallery for every query by inner product and keep the best ``k``.
 
@@ -249,10 +245,7 @@ def reference_positions(references: Sequence, gallery: Sequence) -> list[int | N
 
 
 def _first_hit_ranks(
-    rankings: Sequence[Sequence[str]],
-    targets: Sequence[Collection[str]],
-    depth: int,
-    num_candidates: int | None,
+    rankings: Sequence[Sequence[str]], targets: Sequence[Collection[str]], depth: int, num_candidates: int | None
 ) -> list[int | None]:
     """For each query, the 0-based rank of its first target within ``depth``, or ``None``."""
     if len(rankings) != len(targets):

@@ -277,10 +277,7 @@ def build_qwen2vl(
 
     tok = _build_tokenizer()
     image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=14, temporal_patch_size=2, merge_size=2
     )
     # Qwen2VLProcessor cannot be used without torchvision in transformers 5.x: its __init__ requires a
     # video_processor (Qwen2VLVideoProcessor -> torchvision) and AutoProcessor.from_pretrained always tries to

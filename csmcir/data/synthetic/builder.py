@@ -32,15 +32,7 @@ from ...errors import CsmcirError
 from ...io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from ..custom import Caption, Triplet, write_captions, write_gallery, write_triplets
 from .captioner import caption_scene
-from .edits import (
-    Query,
-    apply,
-    free_variant_values,
-    mod_clause,
-    mod_meta,
-    sample_distractors,
-    sample_query,
-)
+from .edits import Query, apply, free_variant_values, mod_clause, mod_meta, sample_distractors, sample_query
 from .language import join_clauses
 from .params import DIFFICULTIES, GENERATOR_VERSION, SynthParams, resolve_params
 from .render import RenderConfig, RenderObject, init_worker, render_chunk
@@ -72,20 +64,12 @@ class SplitData:
 
 def render_config(params: SynthParams) -> RenderConfig:
     return RenderConfig(
-        image_size=params.image_size,
-        supersample=params.supersample,
-        large_scale=params.large_scale,
-        small_scale=params.small_scale,
+        image_size=params.image_size, supersample=params.supersample, large_scale=params.large_scale, small_scale=params.small_scale
     )
 
 
 def _split_size(params: SynthParams, split: str) -> int:
-    return {
-        "train": params.n_train,
-        "val": params.n_val,
-        "test": params.n_test,
-        "heldout": params.n_heldout,
-    }[split]
+    return {"train": params.n_train, "val": params.n_val, "test": params.n_test, "heldout": params.n_heldout}[split]
 
 
 def _drawing(rng: np.random.Generator, scene: Scene, params: SynthParams, cfg: RenderConfig) -> tuple[RenderObject, ...]:
@@ -202,12 +186,7 @@ def caption_split(data: SplitData, seed: int, params: SynthParams) -> list[Capti
     return out
 
 
-def _render_all(
-    jobs: list[tuple[str, tuple[RenderObject, ...]]],
-    cfg: RenderConfig,
-    workers: int,
-    progress: bool,
-) -> None:
+def _render_all(jobs: list[tuple[str, tuple[RenderObject, ...]]], cfg: RenderConfig, workers: int, progress: bool) -> None:
     """Rasterise every job, in this process or in a pool of ``workers`` processes."""
     from tqdm import tqdm
 
@@ -327,11 +306,7 @@ def _write_benchmark(tmp: Path, seed: int, params: SynthParams, workers: int, pr
 
 
 def generate(
-    out_dir: str | Path,
-    seed: int = 0,
-    difficulty: str | SynthParams = "standard",
-    workers: int = 1,
-    progress: bool = True,
+    out_dir: str | Path, seed: int = 0, difficulty: str | SynthParams = "standard", workers: int = 1, progress: bool = True
 ) -> Path:
     """Generate the synthetic benchmark into ``out_dir`` in the custom format; returns the path.
 
@@ -391,11 +366,7 @@ def _verify(root: Path, info: dict) -> None:
 
 
 def ensure_benchmark(
-    root: str | Path,
-    seed: int = 0,
-    difficulty: str | SynthParams = "standard",
-    workers: int | None = None,
-    progress: bool = True,
+    root: str | Path, seed: int = 0, difficulty: str | SynthParams = "standard", workers: int | None = None, progress: bool = True
 ) -> Path:
     """Return ``root`` holding the requested benchmark; generate it if ``root`` is missing or empty.
 

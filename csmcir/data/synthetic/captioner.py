@@ -146,11 +146,6 @@ def caption_scene(scene: Scene, rng: np.random.Generator, params: SynthParams) -
     final = _and_list(described) if described else "an empty light canvas"
     return Caption(
         image_id="",
-        levels={
-            "scene": scene_level,
-            "objects": objects_level,
-            "attributes": attributes_level,
-            "relations": relations_level,
-        },
+        levels={"scene": scene_level, "objects": objects_level, "attributes": attributes_level, "relations": relations_level},
         final=final,
     )

@@ -34,17 +34,7 @@ from .language import (
     with_article,
 )
 from .params import SynthParams
-from .scene import (
-    ATTRIBUTES,
-    HELDOUT_PAIRS,
-    POSITIONS,
-    Obj,
-    Scene,
-    empty_cells,
-    make_scene,
-    pick,
-    random_object,
-)
+from .scene import ATTRIBUTES, HELDOUT_PAIRS, POSITIONS, Obj, Scene, empty_cells, make_scene, pick, random_object
 
 Allow = Callable[[str, str], bool]
 """Whether a (modification type, value) pair may be used in a query."""
@@ -161,13 +151,7 @@ def _weighted(rng: np.random.Generator, pairs: Sequence[tuple[str, float]]) -> s
 
 
 def sample_mod(
-    rng: np.random.Generator,
-    scene: Scene,
-    mtype: str,
-    busy: set[int],
-    claimed: set[int],
-    allow: Allow,
-    forced: str | None = None,
+    rng: np.random.Generator, scene: Scene, mtype: str, busy: set[int], claimed: set[int], allow: Allow, forced: str | None = None
 ) -> Mod | None:
     """A random modification of type ``mtype`` avoiding ``busy`` objects and ``claimed`` cells.
 
@@ -443,11 +427,7 @@ def _extra(rng: np.random.Generator, query: Query, mods: Sequence[Mod], params: 
 
 
 def sample_distractors(
-    rng: np.random.Generator,
-    query: Query,
-    variant_values: Sequence[str | None],
-    params: SynthParams,
-    avoid: set[Scene],
+    rng: np.random.Generator, query: Query, variant_values: Sequence[str | None], params: SynthParams, avoid: set[Scene]
 ) -> list[Scene]:
     """Up to ``params.n_distractors`` distinct scenes, each a small edit away from the reference.
 

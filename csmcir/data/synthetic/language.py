@@ -107,12 +107,7 @@ COLOUR_TEMPLATES = (
     "colour {ref} {value}",
     "recolour {ref} in {value}",
 )
-FREE_COLOUR_TEMPLATES = (
-    "change the colour of {ref}",
-    "give {ref} a different colour",
-    "recolour {ref}",
-    "paint {ref} another colour",
-)
+FREE_COLOUR_TEMPLATES = ("change the colour of {ref}", "give {ref} a different colour", "recolour {ref}", "paint {ref} another colour")
 SHAPE_TEMPLATES = (
     "turn {ref} into a {value}",
     "change {ref} into a {value}",
@@ -125,11 +120,7 @@ SIZE_TEMPLATES = {
 }
 PATTERN_TEMPLATES = {
     "striped": ("make {ref} striped", "give {ref} a striped pattern", "add stripes to {ref}"),
-    "checkered": (
-        "make {ref} checkered",
-        "give {ref} a checkered pattern",
-        "fill {ref} with a checkerboard pattern",
-    ),
+    "checkered": ("make {ref} checkered", "give {ref} a checkered pattern", "fill {ref} with a checkerboard pattern"),
     "hollow": ("make {ref} hollow", "leave only the outline of {ref}", "empty out {ref}"),
     "solid": ("make {ref} solid", "fill {ref} in completely", "give {ref} a solid fill"),
 }

@@ -155,13 +155,7 @@ class SynthParams:
 
 
 _MEDIUM = SynthParams(
-    name="medium",
-    min_objects=2,
-    max_objects=3,
-    n_mods_probs=(0.85, 0.12, 0.03),
-    p_relational=0.2,
-    n_distractors=5,
-    n_train=16000,
+    name="medium", min_objects=2, max_objects=3, n_mods_probs=(0.85, 0.12, 0.03), p_relational=0.2, n_distractors=5, n_train=16000
 )
 
 DIFFICULTIES: dict[str, SynthParams] = {

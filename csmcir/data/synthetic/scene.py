@@ -37,12 +37,7 @@ POSITIONS = (
 )  # fmt: skip
 """Position names of the nine cells, indexed by cell number (``row * 3 + col``)."""
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "colour": COLOUR_NAMES,
-    "size": SIZES,
-    "pattern": PATTERNS,
-}
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES, "pattern": PATTERNS}
 """The attribute families of an object and their values (the position is the cell)."""
 
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
@@ -82,13 +77,7 @@ class Obj:
         return replace(self, **changes)
 
     def to_json(self) -> dict:
-        return {
-            "shape": self.shape,
-            "colour": self.colour,
-            "size": self.size,
-            "pattern": self.pattern,
-            "cell": [self.row, self.col],
-        }
+        return {"shape": self.shape, "colour": self.colour, "size": self.size, "pattern": self.pattern, "cell": [self.row, self.col]}
 
 
 Scene = tuple[Obj, ...]
@@ -108,13 +97,7 @@ def pick(rng: np.random.Generator, seq: Sequence):
 
 
 def random_object(rng: np.random.Generator, cell: int) -> Obj:
-    return Obj(
-        cell=cell,
-        shape=pick(rng, SHAPES),
-        colour=pick(rng, COLOUR_NAMES),
-        size=pick(rng, SIZES),
-        pattern=pick(rng, PATTERNS),
-    )
+    return Obj(cell=cell, shape=pick(rng, SHAPES), colour=pick(rng, COLOUR_NAMES), size=pick(rng, SIZES), pattern=pick(rng, PATTERNS))
 
 
 def sample_scene(rng: np.random.Generator, n_objects: int) -> Scene:
@@ -137,13 +120,7 @@ def scene_from_json(record: dict) -> Scene:
     """Inverse of :func:`scene_to_json` (without the id), for tools that read ``scenes.jsonl``."""
     return make_scene(
         [
-            Obj(
-                cell=3 * o["cell"][0] + o["cell"][1],
-                shape=o["shape"],
-                colour=o["colour"],
-                size=o["size"],
-                pattern=o["pattern"],
-            )
+            Obj(cell=3 * o["cell"][0] + o["cell"][1], shape=o["shape"], colour=o["colour"], size=o["size"], pattern=o["pattern"])
             for o in record["objects"]
         ]
     )
