@@ -23,3 +23,9 @@ def where(path: str | Path, line: int | None = None, id: str | None = None) -> s
     if id is not None:
         s += f" (id {id!r})"
     return s
+
+
+class ConfigError(CsmcirError, ValueError):
+    """An invalid option (``model.memory_bank``, ``model.distill``, ``model.net``, ...): a user
+    error like any other (one line, exit 2 from the CLI), and a ``ValueError`` for code that
+    validates options."""

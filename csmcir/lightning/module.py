@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ..data.batch import EvalBatch, TrainBatch
-from ..errors import CsmcirError
+from ..errors import ConfigError, CsmcirError
 from ..inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from ..losses import DistillConfig, DistillLoss, InfoNCELoss, MemoryBankConfig, bank_nce, same_target_mask
 from ..models import CIRDualTower, NetworkSpec, build_network
@@ -32,11 +32,11 @@ def _typed(value, cls, name: str):
     if value is None or isinstance(value, cls):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"model.{name} must be a mapping of {cls.__name__} fields or null, got {value!r}")
+        raise ConfigError(f"model.{name} must be a mapping of {cls.__name__} fields or null, got {value!r}")
     try:
         return cls(**value)
     except TypeError as e:
-        raise ValueError(f"model.{name}: {e}") from None
+        raise ConfigError(f"model.{name}: {e}") from None
 
 
 class CIRModule(L.LightningModule):
@@ -112,7 +112,7 @@ class CIRModule(L.LightningModule):
             self.hparams["net"] = spec.to_dict()
             self.model = build_network(spec, info=rank_zero_info)
         if not isinstance(self.model, CIRDualTower):
-            raise ValueError(f"model.net must build a CIRDualTower, got {type(self.model).__name__}")
+            raise ConfigError(f"model.net must build a CIRDualTower, got {type(self.model).__name__}")
         self.model_config = self.model.cfg
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss = InfoNCELoss(temperature, learn_temperature, bidirectional=bidirectional)
@@ -127,7 +127,7 @@ class CIRModule(L.LightningModule):
             if qformer_keys and self._vision_trains():
                 # measured: keys that pair a trained tower's current features with an EMA Q-Former let
                 # the model separate the positive key from older entries by the tower's drift alone
-                raise ValueError(
+                raise ConfigError(
                     "model.memory_bank.momentum_keys: qformer needs a frozen vision tower (model.net.freeze_vision: "
                     "true, or pretrained vision weights from model.net.init); with a trained tower the synthetic "
                     "fit did not learn (test R@1 0.0, docs/memory_bank.md). Use momentum_keys: tower."
@@ -256,10 +256,7 @@ class CIRModule(L.LightningModule):
             images = self._datamodule().train_store.teacher_image
             st = torch.cat([st, self.bank.emb[valid].detach()])
             tt = torch.cat([tt, images[self.bank.ids[valid].cpu()].to(tt.device)])
-        try:
-            total, terms = self.distill(q, st, b.teacher_query, tt)
-        except ValueError as e:
-            raise CsmcirError(str(e)) from None
+        total, terms = self.distill(q, st, b.teacher_query, tt)  # a ConfigError (one line) on wrong sizes
         for name, value in terms.items():
             self.log(f"train/loss_distill_{name}", value, batch_size=bs)
         return total
@@ -380,7 +377,7 @@ class CIRModule(L.LightningModule):
             raise CsmcirError("model.distill is set but no teacher embeddings were loaded: set data.teacher (a `csmcir teacher` store)")
         if store.teacher_query.shape[1] != self.distill.cfg.teacher_dim:
             raise CsmcirError(
-                f"teacher store {dm.hparams.teacher} holds {store.teacher_query.shape[1]}-d embeddings "
+                f"the teacher store {dm.hparams.get('teacher')} (data.teacher) holds {store.teacher_query.shape[1]}-d embeddings "
                 f"but model.distill.teacher_dim is {self.distill.cfg.teacher_dim}"
             )
         if self.distill.cfg.relational_weight and store.teacher_image is None:

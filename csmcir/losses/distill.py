@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["DistillConfig", "DistillHead", "DistillLoss", "feature_distill_loss", "relational_distill_loss"]
 
 
@@ -45,7 +47,7 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.feature not in ("cosine", "mse", None):
-            raise ValueError("model.distill.feature must be cosine, mse or null")
+            raise ConfigError("model.distill.feature must be cosine, mse or null")
 
 
 class DistillHead(nn.Module):
@@ -100,14 +102,14 @@ class DistillLoss(nn.Module):
     def forward(self, q: torch.Tensor, t: torch.Tensor, teacher_q: torch.Tensor, teacher_t: torch.Tensor | None = None):
         c = self.cfg
         if teacher_q.shape[1] != c.teacher_dim:
-            raise ValueError(f"teacher embeddings are {teacher_q.shape[1]}-d but model.distill.teacher_dim is {c.teacher_dim}")
+            raise ConfigError(f"teacher embeddings are {teacher_q.shape[1]}-d but model.distill.teacher_dim is {c.teacher_dim}")
         total, terms = q.new_zeros(()), {}
         if c.feature and c.feature_weight:
             terms["feature"] = feature_distill_loss(self.head(q), teacher_q, c.feature)
             total = total + c.feature_weight * terms["feature"]
         if c.relational_weight:
             if teacher_t is None:
-                raise ValueError("relational distillation needs the teacher's image embeddings: set data.teacher_gallery")
+                raise ConfigError("relational distillation needs the teacher's image embeddings: set data.teacher_gallery")
             terms["relational"] = relational_distill_loss(q, t, teacher_q, teacher_t, c.temperature)
             total = total + c.relational_weight * terms["relational"]
         return total, terms

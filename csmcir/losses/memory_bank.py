@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["MemoryBank", "MemoryBankConfig", "bank_nce"]
 
 
@@ -116,12 +118,12 @@ class MemoryBank(nn.Module):
     ):
         super().__init__()
         if momentum is not None and not 0 <= momentum < 1:
-            raise ValueError("memory bank momentum must be in [0, 1) or null")
+            raise ConfigError("memory bank momentum must be in [0, 1) or null")
         if momentum_keys not in ("tower", "qformer"):
-            raise ValueError(f"memory bank momentum_keys must be 'tower' or 'qformer', got {momentum_keys!r}")
+            raise ConfigError(f"memory bank momentum_keys must be 'tower' or 'qformer', got {momentum_keys!r}")
         self.momentum, self.weight, self.momentum_keys = momentum, float(weight), momentum_keys
         if capacity < 1 or (max_age is not None and max_age < 0) or (half_life is not None and half_life <= 0) or not 0 < min_fraction <= 1:
-            raise ValueError("memory bank needs capacity >= 1, max_age >= 0 or null, half_life > 0 or null, 0 < min_fraction <= 1")
+            raise ConfigError("memory bank needs capacity >= 1, max_age >= 0 or null, half_life > 0 or null, 0 < min_fraction <= 1")
         self.capacity, self.max_age, self.min_fraction = capacity, max_age, min_fraction
         self.half_life = None if half_life is None else float(half_life)
         self.drift_every, self.drift_sample = drift_every, drift_sample
