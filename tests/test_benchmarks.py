@@ -469,3 +469,27 @@ def test_submit_from_a_checkpoint_refuses_a_too_small_gallery_before_encoding(tr
     assert len(err) == 1 and f"has {len(keep)} gallery images" in err[0] and "at least 51" in err[0]
     assert not any(out.glob("*.json"))
     assert "embedding" not in err[0]
+
+
+def test_rank_on_cirr_keeps_the_image_sets_so_evaluate_scores_its_file(trained, tmp_path, png_bytes, capsys):
+    """`csmcir rank --dataset cirr --k 10` writes the top 10 plus each query's image-set members
+    ranked below them: `evaluate` scores that file (Rsubset included) exactly as a full ranking."""
+    root, names = _cirr_tree(tmp_path, "val", png_bytes)
+    caps = json.loads((root / "cirr" / "captions" / "cap.rc2.val.json").read_text())[:40]
+    keep = {m for q in caps for m in q["img_set"]["members"]} | {q["reference"] for q in caps} | {q["target_hard"] for q in caps}
+    (root / "cirr" / "captions" / "cap.rc2.val.json").write_text(json.dumps(caps))
+    (root / "cirr" / "image_splits" / "split.rc2.val.json").write_text(json.dumps({n: p for n, p in names.items() if n in keep}))
+    (root / "captions.jsonl").write_text("".join(json.dumps({"image_id": n, "levels": {}, "final": "a photo"}) + "\n" for n in keep))
+    base = ["rank", "--dataset", "cirr", "--root", str(root), "--split", "val", "--ckpt", str(trained / "last.ckpt"), "--device", "cpu"]
+    assert main([*base, "--k", "10", "--out", str(tmp_path / "top10.json")]) == 0
+    assert main([*base, "--k", str(len(keep)), "--out", str(tmp_path / "full.json")]) == 0
+    top10 = json.loads((tmp_path / "top10.json").read_text())
+    assert max(len(r) for r in top10.values()) > 10 and all(len(r) <= 10 + 6 for r in top10.values())
+    scores = []
+    for f in ("top10.json", "full.json"):
+        capsys.readouterr()
+        code, m = _evaluate(capsys, "--dataset", "cirr", "--root", str(root), "--split", "val", "--rankings", str(tmp_path / f))
+        assert code == 0
+        scores.append(m)
+    for k in ("R@1", "R@5", "R@10", "Rsubset@1", "Rsubset@2", "Rsubset@3"):
+        assert scores[0][k] == scores[1][k], k

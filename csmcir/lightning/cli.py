@@ -46,6 +46,9 @@ class CsmcirCLI(LightningCLI):
                 "checkpoint_best.save_top_k": 1,
                 "checkpoint_best.filename": "best-{epoch}-{step}",
                 "checkpoint_best.auto_insert_metric_name": False,
+                # the best model is for evaluation and serving: without optimizer states it is a third
+                # of the size (a BLIP-2 fit: 0.7 GB instead of 2.1); last.ckpt keeps them for resuming
+                "checkpoint_best.save_weights_only": True,
             }
         )
         # last.ckpt every N steps, so a killed fit resumes with --ckpt_path last

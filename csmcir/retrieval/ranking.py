@@ -36,6 +36,7 @@ class Ranking:
             protocol removes it).
         scores: ``[Q, k']`` their cosine scores.
         reference_removed: whether each query's reference was left out.
+        subset_tail: CIRR only: each query's image-set members ranked below the top k.
     """
 
     triplets: list
@@ -43,10 +44,16 @@ class Ranking:
     positions: torch.Tensor
     scores: torch.Tensor
     reference_removed: bool
+    # CIRR: per query, its image-set members ranked below the top k, in ranked order
+    subset_tail: list[list[int]] | None = None
 
     def as_dict(self) -> dict[str, list[str]]:
-        """``{query id: [gallery ids, best first]}``: the rankings-file format of ``csmcir rank``."""
-        return {t.id: [self.gallery[j] for j in row] for t, row in zip(self.triplets, self.positions.tolist())}
+        """``{query id: [gallery ids, best first]}``: the rankings-file format of ``csmcir rank``.
+        On CIRR each list is the top k followed by the query's image-set members ranked below
+        it, in ranked order: Recall@K (K <= k) and Recall_subset then score exactly as on the
+        whole ranking."""
+        tails = self.subset_tail or [[] for _ in self.triplets]
+        return {t.id: [self.gallery[j] for j in row + tail] for t, row, tail in zip(self.triplets, self.positions.tolist(), tails)}
 
     def hits(self, i: int) -> list[tuple[str, float]]:
         """``(gallery id, score)`` of query ``i``'s ranked hits."""
@@ -98,8 +105,27 @@ def rank_split(
     q = embed_queries(encoder, dataset, triplets, batch_size, progress, desc=f"embedding {split} queries")
     removed = bool(dataset.remove_reference)
     exclude = reference_positions([t.reference for t in triplets], gallery) if removed else None
-    idx, scores = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), len(gallery) if k is None else k, exclude=exclude)
-    return Ranking(triplets, gallery, idx, scores, removed)
+    sets = _image_sets(dataset, split, triplets, gallery)
+    depth = len(gallery) if k is None or sets is not None else k
+    idx, scores = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), depth, exclude=exclude)
+    extra = None
+    if sets is not None and k is not None and k < idx.shape[1]:
+        # CIRR's Recall_subset ranks the image set within the full ranking: keep the members
+        # below the top k, in ranked order, so the file scores exactly as a full ranking would
+        extra = [[j for j in row[k:] if j in members] for row, members in zip(idx.tolist(), sets)]
+        idx, scores = idx[:, :k], scores[:, :k]
+    return Ranking(triplets, gallery, idx, scores, removed, extra)
+
+
+def _image_sets(dataset, split: str, triplets: list, gallery: list[str]) -> list[set[int]] | None:
+    """Each query's image-set members as gallery positions (CIRR), else ``None``."""
+    if not hasattr(dataset, "split"):
+        return None
+    queries = {q.id: q for q in dataset.split(split).queries}
+    if not any(queries[t.id].members for t in triplets if t.id in queries):
+        return None
+    pos = {gid: j for j, gid in enumerate(gallery)}
+    return [{pos[m] for m in (queries[t.id].members or []) if m in pos} for t in triplets]
 
 
 def score_rankings(dataset, split: str, ranking: Ranking | dict, source: str = "rankings") -> dict[str, float]:
