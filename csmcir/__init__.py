@@ -6,7 +6,8 @@ The public Python API (each name is imported on first use, so ``import csmcir`` 
   :class:`TextConfig`, :class:`CIRDualTower`
 * data: :func:`open_dataset`, :data:`DATASETS`, :class:`CIRDataModule`, :func:`generate_synthetic`
 * training: :class:`CIRModule` (Lightning; the network injected)
-* inference: :class:`Encoder` (a checkpoint's tower + text settings), :func:`rank_split`,
+* inference: :class:`Encoder` (a checkpoint's tower + text settings), :func:`convert_checkpoint`
+  (format 1 -> 2), :func:`rank_split`,
   :class:`Ranking`, :func:`score_rankings`, :func:`embed_gallery`, :func:`build_index`,
   :class:`GalleryIndex`, :func:`search`, :func:`write_submission`
 * offline stages: :func:`caption_dataset` (MCoT captions), :func:`embed_teacher` (CIR-CoT
@@ -32,6 +33,7 @@ _EXPORTS = {
     "CIRDataModule": "csmcir.data.datamodule",
     "CIRModule": "csmcir.lightning.module",
     "Encoder": "csmcir.inference",
+    "convert_checkpoint": "csmcir.inference",
     "rank_split": "csmcir.retrieval.ranking",
     "Ranking": "csmcir.retrieval.ranking",
     "score_rankings": "csmcir.retrieval.ranking",

@@ -29,8 +29,7 @@ def _dataset(a, captions: bool = True):
 def _encoder(a):
     from .inference import Encoder
 
-    cache = getattr(a, "feature_cache", "auto")
-    return Encoder.from_checkpoint(a.ckpt, a.device, getattr(a, "dtype", "float32"), None if cache == "none" else cache)
+    return Encoder.from_checkpoint(a.ckpt, a.device, a.dtype, None if a.feature_cache == "none" else a.feature_cache)
 
 
 # -- synth --------------------------------------------------------------------------------------

@@ -244,10 +244,11 @@ def _cached_features(ckpt: dict, model: CIRDualTower, feature_cache: str | None)
     return found if len(found) else None
 
 
-def restore_frozen_vision(ckpt: dict, model: CIRDualTower, path, prefixes=("model.",), ema=None) -> None:
+def restore_frozen_vision(ckpt: dict, model: CIRDualTower, path, prefixes=("model.",)) -> None:
     """Put a frozen vision tower that ``ckpt`` does not store (its ``frozen_vision`` record) back
-    into its state dict from ``model.vision``, which was rebuilt from the recorded sources; a
-    tower of other weights (another file at the recorded path) is refused naming both digests."""
+    into its state dict, under each of ``prefixes``, from ``model.vision``, which was rebuilt from
+    the recorded sources; a tower of other weights (another file at the recorded path) is refused
+    naming both digests."""
     rec = (ckpt.get(CHECKPOINT_KEY) or {}).get("frozen_vision")
     if not rec:
         return
@@ -263,9 +264,6 @@ def restore_frozen_vision(ckpt: dict, model: CIRDualTower, path, prefixes=("mode
             f"differ from the ones it was trained with (digest {digest} != {rec['digest']}): point model.net.init "
             "at the same files"
         )
-    vision = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
-    sd = ckpt["state_dict"]
+    vision = model.vision.state_dict()
     for prefix in prefixes:
-        if prefix == "ema_model." and (ema is None or not any(k.startswith("vision.") for k in ema.state_dict())):
-            continue
-        sd.update({prefix + k: v for k, v in vision.items()})
+        ckpt["state_dict"].update({f"{prefix}vision.{k}": v for k, v in vision.items()})

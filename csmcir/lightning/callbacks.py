@@ -100,7 +100,7 @@ class ValidateShortFit(L.Callback):
             self._validated = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._validated or not trainer.max_steps or trainer.max_steps < 0 or not trainer.enable_validation:
+        if self._validated or trainer.max_steps <= 0 or not trainer.enable_validation:
             return
         if trainer.global_step >= trainer.max_steps:
             trainer.should_stop = True

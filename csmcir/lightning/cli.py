@@ -85,7 +85,7 @@ class CsmcirCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if path and Path(path).is_file():
             try:
-                ckpt = torch.load(path, weights_only=True, map_location="cpu")
+                ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)  # only its header is read
             except Exception as e:  # noqa: BLE001 - unreadable means not a checkpoint
                 raise CsmcirError(f"{path} is not a readable checkpoint: {str(e).strip().splitlines()[0][:200]}") from None
             check_checkpoint_format(ckpt, path, resumable=True)

@@ -484,8 +484,12 @@ class CIRModule(L.LightningModule):
         from ..inference import check_checkpoint_format, restore_frozen_vision
 
         check_checkpoint_format(checkpoint, "the checkpoint being resumed", resumable=True)
-        # the tower was rebuilt from model.net.init with the module: it must be the one trained with
-        restore_frozen_vision(checkpoint, self.model, "the checkpoint being resumed", prefixes=("model.", "ema_model."), ema=self.ema_model)
+        # the tower was rebuilt from model.net.init with the module: it must be the one trained with;
+        # an EMA copy with momentum_keys tower holds the same frozen tower
+        ema_has_vision = self.ema_model is not None and self.bank.momentum_keys == "tower"
+        restore_frozen_vision(
+            checkpoint, self.model, "the checkpoint being resumed", ("model.", "ema_model.") if ema_has_vision else ("model.",)
+        )
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):

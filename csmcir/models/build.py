@@ -66,41 +66,40 @@ class NetworkSpec:
         from .weights import checkpoint_sizes
 
         base = get_model_config(self.model)
+        overrides = self.overrides or {}
+        kind = (overrides.get("vision") or {}).get("kind", base.vision.kind)
         fixed: dict[str, Any] = {}
         for s in init_sources(self.init):
-            for section, values in checkpoint_sizes(s.source, s.path).items():
-                kind = ((self.overrides or {}).get("vision") or {}).get("kind", base.vision.kind)
-                if section == "vision" and kind != "blip2_vit":
-                    continue  # the ViT's sizes only bind a tower that takes its weights
-                if isinstance(values, dict):
-                    fixed.setdefault(section, {}).update(values)
-                else:
-                    fixed[section] = values
-        for section, values in (self.overrides or {}).items():
-            got = fixed.get(section)
-            clash = (
-                {k: (got[k], v) for k, v in values.items() if k in got and got[k] != v}
-                if isinstance(values, dict) and isinstance(got, dict)
-                else ({section: (got, values)} if got is not None and not isinstance(got, dict) and got != values else {})
+            sizes = checkpoint_sizes(s.source, s.path)
+            if kind != "blip2_vit":
+                sizes.pop("vision", None)  # the ViT's sizes only bind a tower that takes its weights
+            fixed = _merge(fixed, sizes)
+        ours, theirs = _flat(overrides), _flat(fixed)
+        clash = next((k for k in ours if k in theirs and ours[k] != theirs[k]), None)
+        if clash is not None:
+            raise CsmcirError(
+                f"model.net.overrides sets {clash} = {ours[clash]!r}, but the init checkpoint's config fixes "
+                f"{theirs[clash]!r}: drop the override (the sizes come from the checkpoint)"
             )
-            if clash:
-                k, (theirs, ours) = next(iter(clash.items()))
-                name = f"{section}.{k}" if k != section else section
-                raise CsmcirError(
-                    f"model.net.overrides sets {name} = {ours!r}, but the init checkpoint's config fixes "
-                    f"{theirs!r}: drop the override (the sizes come from the checkpoint)"
-                )
-        merged: dict[str, Any] = {}
-        for part in (fixed, self.overrides or {}):
-            for section, values in part.items():
-                if isinstance(values, dict):
-                    merged.setdefault(section, {}).update(values)
-                else:
-                    merged[section] = values
-        return get_model_config(self.model, merged or None)
+        return get_model_config(self.model, _merge(fixed, overrides) or None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, one level deep (model-config sections are dicts of fields)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flat(d: dict) -> dict:
+    """``{"qformer": {"vocab_size": 1}, "embed_dim": 2}`` -> ``{"qformer.vocab_size": 1, "embed_dim": 2}``."""
+    return {f"{k}.{kk}": vv for k, v in d.items() if isinstance(v, dict) for kk, vv in v.items()} | {
+        k: v for k, v in d.items() if not isinstance(v, dict)
+    }
 
 
 def init_sources(init: dict | list | InitSource | None) -> list[InitSource]:

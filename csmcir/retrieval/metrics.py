@@ -169,7 +169,7 @@ def recall_at_k(
             or holds a value < 1, a query has no target, or a ranking is too short (see
             ``num_candidates``).
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     return recall_from_first_hits(_first_hit_ranks(rankings, targets, max(ks), num_candidates), ks)
 
 
@@ -194,7 +194,7 @@ def recall_by_group(
     Raises:
         ValueError: as :func:`recall_at_k`, and if ``groups`` does not have one label per query.
     """
-    (k,) = _check_ks((k,))
+    (k,) = check_ks((k,))
     if len(groups) != len(rankings):
         raise ValueError(f"{len(groups)} group labels for {len(rankings)} rankings")
     first_hits = _first_hit_ranks(rankings, targets, k, num_candidates)
@@ -214,9 +214,6 @@ def check_ks(ks: Sequence[int]) -> list[int]:
     if min(ks) < 1:
         raise ValueError(f"every K must be >= 1, got {ks}")
     return ks
-
-
-_check_ks = check_ks
 
 
 def first_hit_ranks(rankings: Sequence[Sequence[str]], targets: Sequence[Collection[str]], depth: int) -> list[int | None]:

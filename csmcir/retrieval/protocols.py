@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..errors import CsmcirError
 from ..io import read_json
-from .metrics import check_ks, first_hit_ranks, recall_from_first_hits
+from .metrics import check_ks as _check_ks
+from .metrics import first_hit_ranks, recall_from_first_hits
 
 __all__ = [
     "ProtocolError",
@@ -52,10 +53,6 @@ def _ranked(rankings: Mapping[str, Sequence[str]], qid: str, source: str) -> Seq
     if isinstance(ranked, str) or not isinstance(ranked, Sequence):
         raise ProtocolError(f"{source}: query {qid!r}: the ranking must be a list of ids, got {type(ranked).__name__}")
     return ranked
-
-
-def _check_ks(ks: Sequence[int]) -> list[int]:
-    return check_ks(ks)
 
 
 def recall_at_k(
