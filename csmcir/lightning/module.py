@@ -359,9 +359,10 @@ class CIRModule(L.LightningModule):
         cache = FeatureCache(folder, tower_key(self.model.vision, vision_cfg), vision_cfg)
         was_training = self.model.vision.training
         self.model.vision.eval()
+        fast = self.model.vision.inference_copy()  # e.g. BatchNorm folded: same features, faster
         self._datamodule().attach_feature_cache(
             cache,
-            self.model.encode_image,
+            fast,
             self.device,
             is_global_zero=self.trainer.is_global_zero,
             barrier=lambda: self.trainer.strategy.barrier("feature_cache"),

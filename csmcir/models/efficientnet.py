@@ -87,6 +87,14 @@ class _SameConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01)
         self.act = act
 
+    def fuse_(self) -> None:
+        """Fold the (eval-mode) BatchNorm into the conv, in place: same outputs, one op less."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+            self.bn = nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.conv.kernel_size[0], self.conv.stride[0]
         pads = []
@@ -150,12 +158,29 @@ class EfficientNetLite0(nn.Module):
         names = list(STAGES)
         if names.index(layer) > ([*names, "classifier"].index(self.last)):
             raise CsmcirError(f"stage {layer!r} is past the last stage built ({self.last!r})")
+        if getattr(self, "channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for name, stage in zip(names, self.stages):
             x = stage(x)
             if name == layer:
                 return x
         return self.head(x)
+
+    def fused(self) -> EfficientNetLite0:
+        """An inference copy: BatchNorm folded into every conv, channels-last memory layout.
+
+        Same outputs up to float rounding (the tests bound it), for encoding many images with no
+        gradient (the feature cache): 1.7x the images a second of the plain network at 112 px on
+        the 2-core CPU (docs/efficientnet.md). The copy cannot be trained (no BatchNorm left)."""
+        import copy
+
+        net = copy.deepcopy(self).eval()
+        for m in net.modules():
+            if isinstance(m, _SameConvBN):
+                m.fuse_()
+        net.channels_last = True
+        return net.to(memory_format=torch.channels_last).requires_grad_(False)
 
     def forward_features(self, x: torch.Tensor, layer: str = "head") -> torch.Tensor:
         """The feature grid of stage ``layer`` as tokens ``[B, H*W, C]`` (row-major)."""

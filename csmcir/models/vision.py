@@ -38,6 +38,12 @@ class VisionTower(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def inference_copy(self) -> VisionTower:
+        """A tower giving the same features, for encoding many images without gradients (the
+        feature cache). This base returns the tower itself; a tower with a faster frozen form
+        (folded BatchNorm, another memory layout) returns that, leaving ``self`` untouched."""
+        return self
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.features(self.preprocess(pixels))
 
@@ -171,6 +177,18 @@ class EfficientNetLite0Tower(VisionTower):
         if mode and self.frozen:
             self.net.eval()
         return self
+
+    def inference_copy(self) -> EfficientNetLite0Tower:
+        """A copy with BatchNorm folded into the convs and channels-last layout (``EfficientNetLite0.fused``)."""
+        import copy
+
+        net, self.net = self.net, None  # do not deep-copy the weights twice
+        try:
+            tower = copy.deepcopy(self)
+        finally:
+            self.net = net
+        tower.net = net.fused()
+        return tower.eval()
 
     def features(self, x):
         if self.net.training and self.frozen:  # frozen after .train() was called
