@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -178,6 +179,8 @@ class CIRDataModule(L.LightningDataModule):
         is not cached yet. Under DDP rank 0 writes and the other ranks read after ``barrier()``."""
         import torch
 
+        from .feature_cache import CACHE_BATCH_SIZE
+
         for split, store in self.stores.items():
             if store.images.dim() != 4:  # features already
                 continue
@@ -189,7 +192,7 @@ class CIRDataModule(L.LightningDataModule):
                 shape=shape,
                 load=lambda rows, s=store: s.images[rows].to(device),
                 encode=encode,
-                batch_size=max(1, batch_size or self.hparams.eval_batch_size),
+                batch_size=max(1, batch_size or CACHE_BATCH_SIZE),
             )
             if is_global_zero:
                 feats = cache.features(**kw)
@@ -249,15 +252,39 @@ class CIRDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def train_dataloader(self):
-        return DataLoader(
-            TrainTriplets(self.stores[self.hparams.train_split], self.hparams.hard_negatives, self.hparams.reference_negative),
+        """Training batches in :class:`~csmcir.data.datasets.EpochSampler` order: seeded by the
+        run's seed (``seed_everything``) and the epoch, each item's draws by its own seed, so a
+        fit resumed from a mid-epoch ``last.ckpt`` trains exactly the batches the killed one had
+        left, each once."""
+        from .datasets import EpochSampler, ResumableLoader
+
+        data = TrainTriplets(self.stores[self.hparams.train_split], self.hparams.hard_negatives, self.hparams.reference_negative)
+        if self.hparams.num_workers > 0 and self.trainer is not None and self.trainer.ckpt_path:
+            warnings.warn(
+                "data.num_workers > 0: a fit resumed mid-epoch does not continue the interrupted epoch exactly "
+                "(workers draw indices before Lightning restores its progress); the data is in memory, so "
+                "data.num_workers 0 (the default) costs nothing",
+                stacklevel=2,
+            )
+        sampler = EpochSampler(
+            len(data), self.hparams.batch_size, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), position=self._batches_done_this_epoch
+        )
+        return ResumableLoader(
+            data,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,  # equal batches on every rank for gathered negatives
             collate_fn=collate,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches already done in the current epoch (after a resume: restored by
+        Lightning from the checkpoint; otherwise 0 when the epoch's first batch is drawn)."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     def _eval_loaders(self, splits: list[str]):
         """A gallery loader and a query loader per split; their batches name split and kind."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .batch import EvalBatch, TrainBatch
 from .store import SplitStore
@@ -30,13 +30,16 @@ class TrainTriplets(Dataset):
     def __len__(self):
         return self.s.num_queries
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        # an (index, seed) pair from EpochSampler: this item's draws come from its own generator
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
         s = self.s
         rows = s.target_rows[i]
-        t = rows[int(torch.randint(len(rows), ()))] if len(rows) > 1 else rows[0]
+        t = rows[int(torch.randint(len(rows), (), generator=g))] if len(rows) > 1 else rows[0]
         r = int(s.ref_rows[i])
         if s.train_text_ids is not None:  # one of the query's phrasings, drawn each time
-            j = int(torch.randint(s.train_text_ids.shape[1], ()))
+            j = int(torch.randint(s.train_text_ids.shape[1], (), generator=g))
             q_ids, q_len = s.train_text_ids[i, j], s.train_text_lengths[i, j]
         else:
             q_ids, q_len = s.query_ids[i], s.query_lengths[i]
@@ -59,14 +62,89 @@ class TrainTriplets(Dataset):
             item.update(ref_caption_ids=s.caption_ids[r], ref_caption_len=s.caption_lengths[r], ref_row=r)
         if self.n_neg:
             listed = s.negative_rows[i]
-            pick = [listed[j] for j in torch.randperm(len(listed))[: self.n_neg].tolist()]
+            pick = [listed[j] for j in torch.randperm(len(listed), generator=g)[: self.n_neg].tolist()]
             while len(pick) < self.n_neg:
-                g = int(s.gallery_rows[int(torch.randint(len(s.gallery_rows), ()))])
-                if g not in s.target_rows[i] and g != r:
-                    pick.append(g)
+                row = int(s.gallery_rows[int(torch.randint(len(s.gallery_rows), (), generator=g))])
+                if row not in s.target_rows[i] and row != r:
+                    pick.append(row)
             rows = torch.tensor(pick)
             item.update(neg=s.images[rows], neg_caption_ids=s.caption_ids[rows], neg_caption_len=s.caption_lengths[rows], neg_rows=rows)
         return item
+
+
+class EpochSampler(DistributedSampler):
+    """The training order, resumable exactly: each epoch a permutation drawn from ``(seed, epoch)``,
+    split across DDP ranks, and each item's random draws (which target, which phrasing, which
+    negatives) from its own seed ``(seed, epoch, index)``, so a batch never depends on what ran
+    before it in the process.
+
+    A fit resumed mid-epoch (``--ckpt_path``) continues the interrupted epoch where it stopped:
+    ``position()`` gives the batches this rank already trained in the current epoch (read when
+    the epoch's first index is drawn, after Lightning restored its loops), and that many batches
+    of the epoch's order are skipped. ``len()`` stays the whole epoch's, as Lightning counts it.
+    Subclassing ``DistributedSampler`` keeps Lightning from replacing it under DDP; it calls
+    :meth:`set_epoch` every epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, position=None, num_replicas: int | None = None, rank: int | None = None):
+        import torch.distributed as dist
+
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # not DistributedSampler.__init__: it insists on an initialised process group
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.per_rank = size // num_replicas  # equal on every rank (the rest is dropped, as drop_last does)
+        self.position = position or (lambda: 0)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch``, in order."""
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        perm = torch.randperm(self.size, generator=g)
+        return perm[self.rank : self.per_rank * self.num_replicas : self.num_replicas].tolist()
+
+    def __iter__(self):
+        epoch = self.epoch
+        skip = self.position() * self.batch_size
+        for i in self.order(epoch)[skip:]:
+            yield (i, _mix(self.seed, epoch, i))
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader over an :class:`EpochSampler`. Where a resumed epoch starts comes
+    from Lightning's restored progress (the sampler reads it), so the state here only records the
+    order's seed and epoch: Lightning sees a resumable loader, and a resume under another seed is
+    refused instead of silently training another order."""
+
+    def state_dict(self) -> dict:
+        return {"sampler": "EpochSampler", "seed": self.sampler.seed, "epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sampler") == "EpochSampler" and state.get("seed") != self.sampler.seed:
+            from ..errors import CsmcirError
+
+            raise CsmcirError(
+                f"this checkpoint's fit drew its batches with seed {state.get('seed')}, the resumed fit with "
+                f"{self.sampler.seed}: resume with --seed_everything {state.get('seed')}"
+            )
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so nearby inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class GalleryImages(Dataset):

@@ -1,0 +1,71 @@
+"""A fit killed mid-epoch and resumed from last.ckpt trains exactly the batches it had left, each once:
+it ends with the same weights as a fit that was never interrupted."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from csmcir.data.datasets import EpochSampler
+
+from .conftest import fit_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_epoch_order_is_seeded_split_across_ranks_and_skips_what_was_trained():
+    s = EpochSampler(103, batch_size=4, seed=7)
+    s.set_epoch(2)
+    whole = [i for i, _ in s]
+    assert sorted(whole) == list(range(103)) and len(s) == 103
+    again = EpochSampler(103, 4, seed=7)
+    again.set_epoch(2)
+    assert [x for x in again] == [x for x in s]  # same seed and epoch: same order, same item seeds
+    again.set_epoch(3)
+    assert [i for i, _ in again] != whole
+    # resumed after 5 batches of this epoch: the rest of the same order, the length still the epoch's
+    resumed = EpochSampler(103, 4, seed=7, position=lambda: 5)
+    resumed.set_epoch(2)
+    assert [x for x in resumed] == [x for x in s][20:] and len(resumed) == 103
+    # two ranks: disjoint halves of one permutation, equal in size
+    ranks = [EpochSampler(103, 4, seed=7, num_replicas=2, rank=r) for r in (0, 1)]
+    parts = [[i for i, _ in r] for r in ranks]
+    assert len(parts[0]) == len(parts[1]) == 51 and not set(parts[0]) & set(parts[1])
+
+
+def _fit(bench, out, *extra):
+    args = fit_args(
+        bench,
+        out,
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.limit_train_batches",
+        "6",
+        "--checkpoint_last.every_n_train_steps",
+        "4",
+        "--seed_everything",
+        "3",
+        *extra,
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "csmcir.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights(easy_bench, tmp_path):
+    whole = _fit(easy_bench, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    # killed after step 9, mid-epoch (an epoch is 6 batches here); last.ckpt is from step 8
+    killed = _fit(easy_bench, tmp_path / "killed", "--trainer.callbacks+=tests.killer.KillAfterStep", "--trainer.callbacks.step=9")
+    assert killed.returncode == -9
+    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["global_step"] == 8
+    resumed = _fit(easy_bench, tmp_path / "killed", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr
+    a = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 18
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
