@@ -133,13 +133,30 @@ def cmd_search(a) -> None:
 
 
 def cmd_rank(a) -> None:
+    from .retrieval.ranking import rank_split
+
+    if a.ckpt is not None:
+        if a.teacher or a.teacher_gallery:
+            raise CsmcirError("give --ckpt (the student) or --teacher with --teacher-gallery (CIR-CoT as the retriever), not both")
+        enc = _encoder(a)  # a bad checkpoint is reported before any dataset is read
+        ds = _dataset(a)
+        ranking = rank_split(enc, ds, a.split, k=a.k, batch_size=a.batch_size)
+    elif a.teacher and a.teacher_gallery:
+        from .retrieval.ranking import rank_teacher
+
+        ds = _dataset(a)
+        ranking = rank_teacher(ds, a.split, a.teacher, a.teacher_gallery, k=a.k)
+    else:
+        raise CsmcirError("rank needs --ckpt (a checkpoint), or --teacher and --teacher-gallery (two `csmcir teacher` stores)")
+    _write_and_score(a, ds, ranking)
+
+
+def _write_and_score(a, ds, ranking) -> None:
+    """Write ``ranking`` to ``a.out`` and print the split's metrics (rank, osrcir rank)."""
     from .io import atomic_write_json
     from .retrieval.protocols import ProtocolError
-    from .retrieval.ranking import rank_split, score_rankings
+    from .retrieval.ranking import score_rankings
 
-    enc = _encoder(a)  # a bad checkpoint is reported before any dataset is read
-    ds = _dataset(a)
-    ranking = rank_split(enc, ds, a.split, k=a.k, batch_size=a.batch_size)
     atomic_write_json(a.out, ranking.as_dict(), indent=None)
     try:
         m = score_rankings(ds, a.split, ranking, source=str(a.out))
@@ -266,6 +283,43 @@ def cmd_teacher(a) -> None:
     print(json.dumps(counts))
 
 
+def cmd_osrcir_describe(a) -> None:
+    from .osrcir import describe_queries
+
+    kw = {}
+    if a.backend == "mllm":
+        kw = dict(device=a.device, dtype=a.dtype, max_new_tokens=a.max_new_tokens, local_files_only=not a.allow_download)
+    counts = describe_queries(
+        _dataset(a, captions=a.backend == "standin"),
+        a.split,
+        a.out,
+        backend=a.backend,
+        model=a.model,
+        shard=a.shard,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        progress=not a.no_progress,
+        **kw,
+    )
+    print(json.dumps(counts))
+    if counts["unparsed"] + counts["empty"]:
+        print(
+            f"warning: {counts['unparsed'] + counts['empty']} answers did not follow the format (raw text kept as the description)",
+            file=sys.stderr,
+        )
+
+
+def cmd_osrcir_rank(a) -> None:
+    from .osrcir import make_retriever, rank_descriptions, read_descriptions
+
+    ds = _dataset(a)
+    ds.validate(a.split)
+    read_descriptions(a.descriptions)  # a missing or damaged store is reported before a model loads
+    retriever = make_retriever(a.retriever, a.retriever_model, device=a.device, dtype=a.dtype, local_files_only=not a.allow_download)
+    ranking = rank_descriptions(ds, a.split, a.descriptions, retriever, k=a.k, gallery_cache=a.gallery_cache, progress=not a.no_progress)
+    _write_and_score(a, ds, ranking)
+
+
 def cmd_teacher_import(a) -> None:
     from .teacher import import_embeddings
 
@@ -336,7 +390,7 @@ def cmd_bench_retrieval(a) -> None:
 
 
 def cmd_bench_efficiency(a) -> None:
-    from .bench.efficiency import EfficiencySettings, markdown_table, run_efficiency_bench, write_outputs
+    from .bench.efficiency import EfficiencySettings, markdown_table, read_accuracy, run_efficiency_bench, write_outputs
     from .io import ensure_writable_dir
 
     ensure_writable_dir(a.out)
@@ -358,6 +412,8 @@ def cmd_bench_efficiency(a) -> None:
         mllm_image_size=a.mllm_image_size,
         sides=tuple(a.sides),
         accuracy=accuracy,
+        system_accuracy=read_accuracy(a.accuracy_file) if a.accuracy_file else None,
+        clips=tuple(a.clips),
         isolate=not a.in_process,
     )
     result = run_efficiency_bench(cfg, progress=True)
@@ -389,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 
-    def common(sp, dataset=True):
-        sp.add_argument("--ckpt", required=True, help="checkpoint written by `csmcir fit` (e.g. checkpoints/synthetic/last.ckpt)")
+    def common(sp, dataset=True, ckpt_required=True):
+        sp.add_argument("--ckpt", required=ckpt_required, help="checkpoint written by `csmcir fit` (e.g. checkpoints/synthetic/last.ckpt)")
         if dataset:
             sp.add_argument(
                 "--dataset",
@@ -498,6 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--students", nargs="*", default=["tiny", "small"], help="csmcir model configs (default tiny small; base = BLIP-2 size)")
     s.add_argument("--mllms", nargs="*", default=["tiny"], help="Qwen2.5-VL sizes: tiny, 3b, 7b (default tiny)")
+    s.add_argument(
+        "--clips",
+        nargs="*",
+        default=[],
+        help="CLIP sizes for OSrCIR's retrieval step: tiny, b16, l14 (ViT-B/16, ViT-L/14; default none). With an MLLM, "
+        "the systems table adds OSrCIR = MLLM generation + CLIP text per query, CLIP image per gallery image",
+    )
+    s.add_argument(
+        "--accuracy-file",
+        help='JSON {"metric": "R@1, synthetic test", "entries": {system or kind: {"value": 51.2, "source": "measured here" '
+        '| "stand-in" | "published", "note": "..."}}}: the systems table and plot put cost against it',
+    )
     s.add_argument("--new-tokens", type=int, default=64, help="full mode: generated reasoning tokens (default 64)")
     s.add_argument("--sides", nargs="+", default=["query", "gallery"], choices=["query", "gallery"])
     s.add_argument("--repeats", type=int, default=10, help="batch-1 calls timed per model (default 10; p50/p95 over them)")
@@ -530,8 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_search)
 
-    s = sub.add_parser("rank", help="rank a split's gallery for every query; writes {query id: [gallery ids]}")
-    common(s)
+    s = sub.add_parser(
+        "rank",
+        help="rank a split's gallery for every query; writes {query id: [gallery ids]}",
+        description=(
+            "Rank with a checkpoint (--ckpt), or with a CIR-CoT teacher as the retriever: its query <emb> store "
+            "(--teacher, `csmcir teacher`) against its gallery store (--teacher-gallery, `csmcir teacher --gallery`). "
+            "Either way the dataset's protocol applies and the output feeds `csmcir evaluate` and `csmcir submit`."
+        ),
+    )
+    common(s, ckpt_required=False)
+    s.add_argument("--teacher", help="instead of --ckpt: a teacher query store folder (`csmcir teacher`)")
+    s.add_argument("--teacher-gallery", help="with --teacher: the same teacher's gallery store (`csmcir teacher --gallery`)")
     s.add_argument("--out", required=True, help="rankings JSON file to write")
     s.add_argument("--k", type=int, default=50, help="ranked ids kept per query (default 50)")
     s.set_defaults(func=cmd_rank)
@@ -723,6 +801,68 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=128, help="full mode: reasoning length limit (default 128)")
     s.add_argument("--out", required=True, help="store folder to create or resume")
     s.set_defaults(func=cmd_teacher)
+
+    osr = sub.add_parser(
+        "osrcir",
+        help="OSrCIR-style training-free retrieval: an MLLM describes each target, the text retrieves",
+        description=(
+            "Reason-then-retrieve with no training (OSrCIR, CVPR 2025): `describe` makes one MLLM pass per query "
+            "(reference image + modification text) with a reflective prompt: caption, thoughts, reflection, target "
+            "description; `rank` retrieves the gallery with the descriptions through a CLIP-style dual encoder or "
+            "against the gallery's MCoT captions."
+        ),
+    )
+    osub = osr.add_subparsers(dest="osrcir_command", metavar="{describe,rank}")
+    s = osub.add_parser(
+        "describe",
+        help="write each query's target description (resumable JSONL store, raw answers kept)",
+        description=(
+            "One line per query (query_id, levels caption/thoughts/reflection, final = the target description, "
+            "status, raw answer, model, prompt osrcir@1), appended per batch: rerun after a kill and it continues. "
+            "--backend standin is the synthetic benchmark's caption-reasoning stand-in, NOT an MLLM."
+        ),
+        epilog="example: csmcir osrcir describe --dataset cirr --root data/cirr --split val "
+        "--model Qwen/Qwen2.5-VL-7B-Instruct --out osrcir/cirr-val.jsonl",
+    )
+    mllm_job_args(s, "queries", "into separate files")
+    s.add_argument("--split", required=True, help="split whose queries to describe")
+    s.add_argument(
+        "--backend",
+        default="mllm",
+        choices=["mllm", "standin"],
+        help="mllm (default): a transformers image-text-to-text MLLM; standin: the synthetic benchmark's stand-in "
+        "(the reference's lossy caption edited by the query's structured modification; csmcir/osrcir/standin.py)",
+    )
+    s.add_argument("--model", help="mllm backend: local folder or hub id")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    s.add_argument("--out", required=True, help="description store (JSONL) to create or resume")
+    s.set_defaults(func=cmd_osrcir_describe)
+    s = osub.add_parser(
+        "rank",
+        help="rank a split's gallery by the target descriptions; writes {query id: [gallery ids]}",
+        description="clip: the dual encoder's text tower embeds each description, its image tower each gallery image "
+        "(cached with --gallery-cache); captions: a sentence encoder (default the packaged MiniLM) matches each "
+        "description against the gallery images' final MCoT captions. Prints the split's metrics by its protocol.",
+    )
+    s.add_argument("--dataset", default="custom", choices=list(DATASETS), help="custom (default) or a real benchmark")
+    s.add_argument("--root", required=True, help="dataset folder")
+    s.add_argument("--split", default="test", help="split name (default test)")
+    s.add_argument("--category", choices=list(FASHIONIQ_CATEGORIES), help="FashionIQ category")
+    s.add_argument("--captions", help="caption file of the gallery (default ROOT/captions.jsonl)")
+    s.add_argument("--descriptions", required=True, help="store written by `csmcir osrcir describe`")
+    s.add_argument("--retriever", default="clip", choices=["clip", "captions"], help="clip (default) or captions")
+    s.add_argument(
+        "--retriever-model", help="clip: a CLIPModel/SiglipModel folder or hub id; captions: a sentence encoder (default MiniLM)"
+    )
+    s.add_argument("--gallery-cache", help="clip: folder keeping the gallery image embeddings between runs")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    s.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU), float32, bfloat16, float16")
+    s.add_argument("--k", type=int, default=50, help="ranked ids kept per query (default 50)")
+    s.add_argument("--out", required=True, help="rankings JSON file to write")
+    s.add_argument("--allow-download", action="store_true", help="let transformers fetch --retriever-model from the hub")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_osrcir_rank)
+    osr.set_defaults(func=lambda a: osr.print_help())
 
     s = sub.add_parser(
         "teacher-import",

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from csmcir.bench.efficiency import EfficiencySettings, cost_ratios, run_efficiency_bench
+from csmcir.bench.efficiency import EfficiencySettings, cost_ratios, markdown_table, run_efficiency_bench
 from csmcir.bench.retrieval import BenchSettings, make_embeddings, run_retrieval_bench, write_outputs
 from csmcir.cli import main
+from csmcir.errors import CsmcirError
 
 
 def test_make_embeddings_unit_norm_and_structure():
@@ -147,3 +148,48 @@ def test_bench_efficiency_cli_isolated_process(tmp_path):
     assert (out / "bench_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "efficiency", "--students", "--mllms", "13b", "--out", str(out)]) == 2
     assert main(["bench", "efficiency", "--students", "tiny", "--mllms", "--accuracy", "oops", "--out", str(out)]) == 2
+
+
+def _row(model, family, side, mode, ms, gf):
+    return {"model": model, "family": family, "side": side, "mode": mode, "p50_ms": ms, "gflops": gf, "device": "cpu"}
+
+
+def test_systems_compose_measured_rows_and_carry_accuracy_with_its_source(tmp_path):
+    from csmcir.bench.efficiency import read_accuracy, system_costs
+
+    rows = [
+        _row("student:small", "csmcir", "query", "encode", 8.0, 0.1),
+        _row("student:small", "csmcir", "gallery", "encode", 9.0, 0.2),
+        _row("mllm:3b", "mllm", "query", "fast", 100.0, 10.0),
+        _row("mllm:3b", "mllm", "query", "full", 500.0, 20.0),
+        _row("mllm:3b", "mllm", "gallery", "fast", 90.0, 8.0),
+        _row("clip:l14", "clip", "query", "text", 5.0, 0.5),
+        _row("clip:l14", "clip", "gallery", "image", 30.0, 3.0),
+    ]
+    f = tmp_path / "acc.json"
+    f.write_text(json.dumps({"metric": "R@1", "entries": {"csmcir": {"value": 51.2, "source": "measured here"},
+                                                          "osrcir": {"value": 40.0, "source": "stand-in", "note": "synthetic"}}}))  # fmt: skip
+    systems = {s["system"]: s for s in system_costs(rows, read_accuracy(f))}
+    assert set(systems) == {"csmcir student:small", "CIR-CoT fast (mllm:3b)", "CIR-CoT full (mllm:3b)", "OSrCIR (mllm:3b + clip:l14)"}
+    osr = systems["OSrCIR (mllm:3b + clip:l14)"]
+    # OSrCIR per query = one MLLM generation + the CLIP text tower; per gallery image = the CLIP image tower
+    assert (osr["query_p50_ms"], osr["query_gflops"], osr["gallery_p50_ms"]) == (505.0, 20.5, 30.0)
+    assert osr["accuracy"] == {"value": 40.0, "source": "stand-in", "note": "synthetic"}
+    full = systems["CIR-CoT full (mllm:3b)"]
+    assert (full["query_p50_ms"], full["gallery_p50_ms"], full["accuracy"]) == (500.0, 90.0, None)
+    assert systems["csmcir student:small"]["accuracy"]["source"] == "measured here"
+    table = markdown_table({"machine": {"processor": "x", "cpu_threads": 2, "load_average_1min": 0}, "settings": {"new_tokens": 64},
+                            "rows": [], "ratios": [], "systems": list(systems.values()), "accuracy": read_accuracy(f)})  # fmt: skip
+    assert "| OSrCIR (mllm:3b + clip:l14) | 505 | 20.5 | 30 | 3 | 40.0 | stand-in (synthetic) |" in table
+    f.write_text(json.dumps({"metric": "R@1", "entries": {"osrcir": {"value": 40.0, "source": "guess"}}}))
+    with pytest.raises(CsmcirError, match="entry 'osrcir' needs a numeric value and a source, one of measured here, stand-in, published"):
+        read_accuracy(f)
+
+
+@pytest.mark.slow
+def test_the_clip_candidate_measures_text_and_image_towers():
+    from csmcir.bench.efficiency import measure_clip
+
+    rows = measure_clip("tiny", EfficiencySettings(repeats=2, batch=2, device="cpu", isolate=False))
+    assert [(r["model"], r["side"], r["mode"]) for r in rows] == [("clip:tiny", "query", "text"), ("clip:tiny", "gallery", "image")]
+    assert all(r["p50_ms"] > 0 and r["gflops"] > 0 and r["params_m"] > 0 for r in rows)

@@ -68,7 +68,7 @@ def test_store_appends_resumes_and_repairs_a_truncated_last_line(tmp_path):
         s = CaptionStore(path).open()
     assert s.done() == {"a", "b"}
     s.append([_rec("c")])
-    with pytest.raises(CsmcirError, match="'a' is already captioned"):
+    with pytest.raises(CsmcirError, match="image id 'a' is already in the store"):
         s.append([_rec("a")])
     s.close()
     assert list(read_store(path)) == ["a", "b", "c"]

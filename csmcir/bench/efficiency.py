@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import CsmcirError
 
-__all__ = ["EfficiencySettings", "run_efficiency_bench", "markdown_table", "write_outputs"]
+__all__ = ["EfficiencySettings", "run_efficiency_bench", "markdown_table", "write_outputs", "system_costs", "read_accuracy"]
 
 QUERY_TEXT = "make the dress red and sleeveless, with a thin belt and a floral print"
 # a final MCoT caption of typical length (the target side of the symmetric tower)
@@ -47,12 +47,23 @@ GALLERY_CAPTION = (
     "print, a round neckline and a flared skirt, photographed on a plain light background"
 )
 MLLM_SIZES = ("tiny", "3b", "7b")
+# OSrCIR's retriever: a CLIP dual encoder. b16 / l14 = the public openai/clip-vit-base-patch16 and
+# clip-vit-large-patch14 configurations (text 512/768 wide x 12 layers; vision ViT-B/16, ViT-L/14 at 224)
+CLIP_SIZES = {
+    "tiny": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+             {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 16),
+    "b16": ({"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+            {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224, "patch_size": 16}, 512),
+    "l14": ({"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+            {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224, "patch_size": 14}, 768),
+}  # fmt: skip
 
 
 @dataclass
 class EfficiencySettings:
     students: tuple[str, ...] = ("tiny", "small")
     mllms: tuple[str, ...] = ("tiny",)
+    clips: tuple[str, ...] = ()
     new_tokens: int = 64
     device: str = "auto"
     dtype: str = "auto"
@@ -60,7 +71,8 @@ class EfficiencySettings:
     batch: int = 8
     mllm_image_size: int = 448
     sides: tuple[str, ...] = ("query", "gallery")
-    accuracy: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)  # per model row: {"student:small": 51.1}
+    system_accuracy: dict | None = None  # per system, with sources (:func:`read_accuracy`)
     isolate: bool = True
 
 
@@ -209,9 +221,65 @@ def measure_mllm(size: str, cfg: EfficiencySettings) -> list[dict]:
     return rows
 
 
+def measure_clip(size: str, cfg: EfficiencySettings) -> list[dict]:
+    """OSrCIR's retrieval step: a CLIP text tower on one target description (query side) and its
+    image tower on one gallery image, random weights of the public sizes (:data:`CLIP_SIZES`)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from ..inference import resolve_device
+
+    if size not in CLIP_SIZES:
+        raise CsmcirError(f"unknown CLIP size {size!r}: choose one of {', '.join(CLIP_SIZES)}")
+    dev = str(resolve_device(cfg.device))
+    dtype = _dtype(cfg.dtype, dev)
+    text, vision, proj = CLIP_SIZES[size]
+    torch.manual_seed(0)
+    net = (
+        CLIPModel(CLIPConfig(text_config={**text, "vocab_size": 49408}, vision_config=vision, projection_dim=proj))
+        .to(dev, dtype=dtype)
+        .eval()
+    )
+    params = sum(p.numel() for p in net.parameters())
+    side = vision["image_size"]
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(cfg.batch, 3, side, side, generator=g).to(dev, dtype)
+    ids = torch.randint(0, 49407, (cfg.batch, 32), generator=g).to(dev)  # a target description: 32 tokens
+    rows = []
+    for s in cfg.sides:
+        if s == "query":
+            one, many, mode = (lambda: net.get_text_features(input_ids=ids[:1])), (lambda: net.get_text_features(input_ids=ids)), "text"
+        else:
+            one, many, mode = (
+                (lambda: net.get_image_features(pixel_values=px[:1])),
+                (lambda: net.get_image_features(pixel_values=px)),
+                "image",
+            )
+        with torch.inference_mode():
+            m = _measure(one, many, cfg.batch, cfg.repeats, dev)
+        rows.append(
+            {
+                "model": f"clip:{size}",
+                "family": "clip",
+                "side": s,
+                "mode": mode,
+                "params_m": params / 1e6,
+                "device": dev,
+                "dtype": str(dtype).replace("torch.", ""),
+                "image_px": side,
+                **m,
+                **_peak_memory(dev),
+            }
+        )
+    return rows
+
+
+_MEASURE = {"student": measure_student, "mllm": measure_mllm, "clip": measure_clip}
+
+
 def _run_job(kind: str, name: str, cfg: EfficiencySettings) -> list[dict]:
     if not cfg.isolate:
-        return measure_student(name, cfg) if kind == "student" else measure_mllm(name, cfg)
+        return _MEASURE[kind](name, cfg)
     payload = json.dumps({"kind": kind, "name": name, "cfg": {**asdict(cfg), "isolate": False}})
     proc = subprocess.run([sys.executable, "-m", "csmcir.bench.efficiency", payload], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -228,7 +296,10 @@ def run_efficiency_bench(cfg: EfficiencySettings, progress: bool = True) -> dict
     for s in cfg.mllms:
         if s not in MLLM_SIZES:
             raise CsmcirError(f"unknown MLLM size {s!r}: choose one of {', '.join(MLLM_SIZES)}")
-    jobs = [("student", s) for s in cfg.students] + [("mllm", s) for s in cfg.mllms]
+    for s in cfg.clips:
+        if s not in CLIP_SIZES:
+            raise CsmcirError(f"unknown CLIP size {s!r}: choose one of {', '.join(CLIP_SIZES)}")
+    jobs = [("student", s) for s in cfg.students] + [("mllm", s) for s in cfg.mllms] + [("clip", s) for s in cfg.clips]
     rows: list[dict] = []
     for kind, name in tqdm(jobs, desc="bench efficiency", disable=not progress):
         rows += _run_job(kind, name, cfg)
@@ -241,7 +312,10 @@ def run_efficiency_bench(cfg: EfficiencySettings, progress: bool = True) -> dict
         "load_average_1min": round(os.getloadavg()[0], 2),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    return {"machine": machine, "settings": asdict(cfg), "rows": rows, "ratios": cost_ratios(rows)}
+    result = {"machine": machine, "settings": asdict(cfg), "rows": rows, "ratios": cost_ratios(rows)}
+    result["systems"] = system_costs(rows, cfg.system_accuracy)
+    result["accuracy"] = cfg.system_accuracy
+    return result
 
 
 def cost_ratios(rows: list[dict]) -> list[dict]:
@@ -267,6 +341,74 @@ def cost_ratios(rows: list[dict]) -> list[dict]:
                         }
                     )
     return out
+
+
+def system_costs(rows: list[dict], accuracy: dict | None = None) -> list[dict]:
+    """The retrieval systems the measured rows make up, with what each costs per query and per
+    gallery image, and its accuracy where ``accuracy`` gives one.
+
+    * ``csmcir``: the student, query = (reference, text) encode, gallery = (image, caption) encode.
+    * ``cir-cot-fast`` / ``cir-cot-full``: the MLLM's ``<emb>`` as the retriever (``csmcir rank
+      --teacher``), query in fast or full mode, gallery in fast mode.
+    * ``osrcir``: one MLLM generation per query (the reflective answer, as long as full mode's
+      ``new_tokens``) plus the CLIP text tower on the description; the CLIP image tower per gallery image.
+
+    ``accuracy``: ``{"metric": "...", "entries": {name: {"value", "source"}}}``, ``name`` a system
+    name as in the table (``csmcir student:small``) or its kind (``osrcir``); ``source`` says where
+    the figure comes from: ``measured here``, ``stand-in`` or ``published`` (with a reference)."""
+    by = {(r["model"], r["side"], r["mode"]): r for r in rows}
+    models = lambda fam: sorted({r["model"] for r in rows if r["family"] == fam})  # noqa: E731
+    out = []
+
+    def add(name, kind, q_parts, g_parts):
+        if any(p is None for p in q_parts + g_parts):
+            return
+        out.append(
+            {
+                "system": name,
+                "kind": kind,
+                "query_p50_ms": sum(p["p50_ms"] for p in q_parts),
+                "query_gflops": sum(p["gflops"] for p in q_parts),
+                "gallery_p50_ms": sum(p["p50_ms"] for p in g_parts),
+                "gallery_gflops": sum(p["gflops"] for p in g_parts),
+                "device": q_parts[0]["device"],
+            }
+        )
+
+    for m in models("csmcir"):
+        add(f"csmcir {m}", "csmcir", [by.get((m, "query", "encode"))], [by.get((m, "gallery", "encode"))])
+    for m in models("mllm"):
+        for mode in ("fast", "full"):
+            add(f"CIR-CoT {mode} ({m})", f"cir-cot-{mode}", [by.get((m, "query", mode))], [by.get((m, "gallery", "fast"))])
+        for c in models("clip"):
+            add(
+                f"OSrCIR ({m} + {c})",
+                "osrcir",
+                [by.get((m, "query", "full")), by.get((c, "query", "text"))],
+                [by.get((c, "gallery", "image"))],
+            )
+    entries = (accuracy or {}).get("entries", {})
+    for r in out:
+        r["accuracy"] = entries.get(r["system"], entries.get(r["kind"]))
+    return out
+
+
+def read_accuracy(path: str | Path) -> dict:
+    """An accuracy file for :func:`system_costs`, checked: ``{"metric": str, "entries": {name:
+    {"value": number, "source": "measured here" | "stand-in" | "published", ...}}}``."""
+    from ..io import read_json
+
+    data = read_json(Path(path), "accuracy file")
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or not isinstance(data.get("metric"), str):
+        raise CsmcirError(f'{path}: expected {{"metric": "R@1 ...", "entries": {{name: {{"value": ..., "source": ...}}}}}}')
+    for name, e in entries.items():
+        if not isinstance(e, dict) or not isinstance(e.get("value"), (int, float)) or e.get("source") not in ACCURACY_SOURCES:
+            raise CsmcirError(f"{path}: entry {name!r} needs a numeric value and a source, one of {', '.join(ACCURACY_SOURCES)}")
+    return data
+
+
+ACCURACY_SOURCES = ("measured here", "stand-in", "published")
 
 
 def markdown_table(result: dict) -> str:
@@ -297,6 +439,22 @@ def markdown_table(result: dict) -> str:
                 f"| {q['mllm']} / {q['student']} | {'query' if q['side'] == 'query' else 'gallery image'} | {q['mllm_mode']} | "
                 f"{q['latency_ratio']:.3g}x | {fr} | {q['throughput_ratio']:.3g}x |"
             )
+    systems = result.get("systems") or []
+    if systems:
+        metric = (result.get("accuracy") or {}).get("metric", "accuracy")
+        lines += [
+            "",
+            f"| system | per query ms (p50) | per query GFLOPs | per gallery image ms (p50) | per gallery image GFLOPs | {metric} | source of the accuracy |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in systems:
+            acc = r.get("accuracy")
+            lines.append(
+                f"| {r['system']} | {r['query_p50_ms']:.3g} | {r['query_gflops']:.3g} | {r['gallery_p50_ms']:.3g} | "
+                f"{r['gallery_gflops']:.3g} | {'-' if acc is None else format(acc['value'], '.1f')} | "
+                f"{'-' if acc is None else acc['source'] + (' (' + acc['note'] + ')' if acc.get('note') else '')} |"
+            )
+        lines.append("\nCosts: measured here, random weights at the named sizes. Accuracy: as its source column says.")
     return head + "\n".join(lines) + "\n"
 
 
@@ -308,6 +466,27 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
 
 
 def _plot(plt, result: dict):
+    systems = [r for r in result.get("systems") or [] if r.get("accuracy") is not None]
+    if len(systems) >= 2:  # cost per query and per gallery image against accuracy, marked by source
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        markers = {"measured here": "o", "stand-in": "^", "published": "s"}
+        for ax, side in zip(axes, ("query", "gallery")):
+            for src, mk in markers.items():
+                pts = [r for r in systems if r["accuracy"]["source"] == src]
+                if pts:
+                    ax.scatter(
+                        [r[f"{side}_p50_ms"] for r in pts], [r["accuracy"]["value"] for r in pts], marker=mk, s=50, label=f"accuracy {src}"
+                    )
+            for r in systems:
+                ax.annotate(
+                    r["system"], (r[f"{side}_p50_ms"], r["accuracy"]["value"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel(f"per {'query' if side == 'query' else 'gallery image'} latency p50, ms (log; measured here)")
+        axes[0].set_ylabel((result.get("accuracy") or {}).get("metric", "accuracy"))
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"cost against accuracy ({systems[0]['device']})")
+        return fig
     q = [r for r in result["rows"] if r["side"] == "query"]
     fig, ax = plt.subplots(figsize=(7, 4))
     with_acc = [r for r in q if r.get("accuracy") is not None]
@@ -332,7 +511,7 @@ if __name__ == "__main__":  # one isolated measurement: python -m csmcir.bench.e
     job = json.loads(sys.argv[1])
     c = EfficiencySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["cfg"].items()})
     try:
-        rows = measure_student(job["name"], c) if job["kind"] == "student" else measure_mllm(job["name"], c)
+        rows = _MEASURE[job["kind"]](job["name"], c)
     except CsmcirError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

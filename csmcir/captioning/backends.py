@@ -112,9 +112,14 @@ class TransformersBackend:
     def messages(self, prompt: str) -> list[dict]:
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
 
-    def generate(self, ids: list[str], images: list, prompt: str) -> list[str]:
-        text = self.processor.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True)
+    def generate(self, ids: list[str], images: list, prompt: str | list[str]) -> list[str]:
+        """One answer per image; ``prompt`` is one message for all, or one per image (OSrCIR puts
+        each query's modification text in its prompt)."""
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise CsmcirError(f"{len(prompts)} prompts for {len(images)} images")
+        texts = [self.processor.apply_chat_template(self.messages(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         with self._torch.inference_mode():
             out = self.model.generate(**inputs, **self.gen, pad_token_id=self.processor.tokenizer.pad_token_id)

@@ -33,24 +33,31 @@ __all__ = ["CaptionStore", "merge_stores", "read_store"]
 REQUIRED = ("image_id", "levels", "final", "status")
 
 
-def _check_record(rec: Any, path: Path, lineno: int) -> dict:
-    if not isinstance(rec, dict) or any(k not in rec for k in REQUIRED):
-        raise CsmcirError(f"{where(path, lineno)}: not a caption record (needs {', '.join(REQUIRED)})")
-    if not isinstance(rec["image_id"], str) or not rec["image_id"]:
-        raise CsmcirError(f"{where(path, lineno)}: image_id must be a non-empty string")
+def _check_record(rec: Any, path: Path, lineno: int, key: str = "image_id") -> dict:
+    need = (key, *REQUIRED[1:])
+    if not isinstance(rec, dict) or any(k not in rec for k in need):
+        raise CsmcirError(f"{where(path, lineno)}: not a {_WHAT[key]} record (needs {', '.join(need)})")
+    if not isinstance(rec[key], str) or not rec[key]:
+        raise CsmcirError(f"{where(path, lineno)}: {key} must be a non-empty string")
     if not isinstance(rec["final"], str) or not isinstance(rec["levels"], dict):
-        raise CsmcirError(f"{where(path, lineno, rec['image_id'])}: final must be a string and levels an object")
+        raise CsmcirError(f"{where(path, lineno, rec[key])}: final must be a string and levels an object")
     return rec
 
 
-def read_store(path: str | Path, repair: bool = False) -> dict[str, dict]:
-    """``{image_id: record}`` of a store. A truncated last line (a killed writer) is an error, or,
-    with ``repair``, is cut off with a warning. A duplicate id is an error naming both lines."""
+# the id field of a store's records: images for captions, queries for OSrCIR's target descriptions
+_WHAT = {"image_id": "caption", "query_id": "description"}
+
+
+def read_store(path: str | Path, repair: bool = False, key: str = "image_id") -> dict[str, dict]:
+    """``{id: record}`` of a store (``key``: the records' id field, ``image_id`` for captions,
+    ``query_id`` for :mod:`csmcir.osrcir`'s descriptions). A truncated last line (a killed writer)
+    is an error, or, with ``repair``, is cut off with a warning. A duplicate id is an error naming
+    both lines."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CsmcirError(f"{path}: caption store not found") from None
+        raise CsmcirError(f"{path}: {_WHAT[key]} store not found") from None
     except OSError as e:
         raise CsmcirError(f"cannot read {path}: {e.strerror}") from None
     end = len(data)
@@ -69,22 +76,24 @@ def read_store(path: str | Path, repair: bool = False) -> dict[str, dict]:
         if not line.strip():
             continue
         try:
-            rec = _check_record(json.loads(line), path, lineno)
+            rec = _check_record(json.loads(line), path, lineno, key)
         except json.JSONDecodeError as e:
             raise CsmcirError(f"{where(path, lineno)}: invalid JSON ({e.msg})") from None
-        i = rec["image_id"]
+        i = rec[key]
         if i in first:
-            raise CsmcirError(f"{where(path, lineno, i)}: duplicate image id (first on line {first[i]})")
+            raise CsmcirError(f"{where(path, lineno, i)}: duplicate {key.replace('_', ' ')} (first on line {first[i]})")
         first[i] = lineno
         out[i] = rec
     return out
 
 
 class CaptionStore:
-    """Append-only caption store at ``path``; :meth:`open` repairs and reads what is there."""
+    """Append-only caption store at ``path``; :meth:`open` repairs and reads what is there.
+    ``key="query_id"``: the same store for per-query records (OSrCIR's target descriptions)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, key: str = "image_id"):
         self.path = Path(path)
+        self.key = key
         self.records: dict[str, dict] = {}
 
     def open(self) -> CaptionStore:
@@ -94,11 +103,11 @@ class CaptionStore:
         except OSError as e:
             raise CsmcirError(f"cannot create folder {parent} for {self.path}: {e.strerror}") from None
         if self.path.exists():
-            self.records = read_store(self.path, repair=True)
+            self.records = read_store(self.path, repair=True, key=self.key)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
-            raise CsmcirError(f"cannot write caption store {self.path}: {e.strerror}") from None
+            raise CsmcirError(f"cannot write {_WHAT[self.key]} store {self.path}: {e.strerror}") from None
         return self
 
     def __enter__(self) -> CaptionStore:
@@ -119,12 +128,12 @@ class CaptionStore:
     def append(self, records: Iterable[dict]) -> None:
         """Append records, one ``write`` per line, then fsync. An id already stored is an error."""
         for rec in records:
-            i = rec["image_id"]
+            i = rec[self.key]
             if i in self.records:
-                raise CsmcirError(f"{self.path}: image {i!r} is already captioned")
+                raise CsmcirError(f"{self.path}: {self.key.replace('_', ' ')} {i!r} is already in the store")
             line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
             if b"\n" in line[:-1]:
-                raise CsmcirError(f"image id {i!r} cannot be stored (contains a newline)")
+                raise CsmcirError(f"{self.key.replace('_', ' ')} {i!r} cannot be stored (contains a newline)")
             os.write(self._fd, line)
             self.records[i] = rec
         os.fsync(self._fd)

@@ -22,7 +22,18 @@ from ..errors import CsmcirError
 from .embed import embed_pairs, gallery_texts
 from .metrics import recall_at_k, reference_positions, topk_rankings
 
-__all__ = ["Ranking", "build_index", "write_submission", "embed_gallery", "embed_queries", "rank_split", "score_rankings", "search"]
+__all__ = [
+    "Ranking",
+    "build_index",
+    "write_submission",
+    "embed_gallery",
+    "embed_queries",
+    "rank_split",
+    "rank_embeddings",
+    "rank_teacher",
+    "score_rankings",
+    "search",
+]
 
 
 @dataclass
@@ -103,11 +114,30 @@ def rank_split(
     triplets = dataset.triplets(split)[:limit]
     gallery, g = embed_gallery(encoder, dataset, split, batch_size, progress, missing_caption=missing_caption)
     q = embed_queries(encoder, dataset, triplets, batch_size, progress, desc=f"embedding {split} queries")
+    return rank_embeddings(dataset, split, triplets, gallery, q, g, k)
+
+
+def rank_embeddings(dataset, split: str, triplets: list, gallery: list[str], queries, gallery_emb, k: int | None = 50) -> Ranking:
+    """The :class:`Ranking` of ``triplets`` by cosine of ``queries`` ``[Q, D]`` (row i = triplet i)
+    against ``gallery_emb`` ``[G, D]`` (row j = ``gallery[j]``), under the dataset's protocol (the
+    reference left out where it removes it; CIRR's image sets kept). Any retriever that embeds
+    both sides into one space ranks through here: the student, a CIR-CoT teacher's ``<emb>``
+    stores (:func:`rank_teacher`), OSrCIR's descriptions (:mod:`csmcir.osrcir`). Rows are
+    L2-normalised here."""
+    if k is not None and k < 1:
+        raise CsmcirError(f"k must be at least 1, got {k}")
+    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(queries, dtype=np.float32)), dim=1)
+    g = torch.nn.functional.normalize(torch.as_tensor(np.asarray(gallery_emb, dtype=np.float32)), dim=1)
+    if q.shape[0] != len(triplets) or g.shape[0] != len(gallery) or q.shape[1] != g.shape[1]:
+        raise CsmcirError(
+            f"{q.shape[0]} query embeddings for {len(triplets)} queries and {g.shape[0]} gallery embeddings for "
+            f"{len(gallery)} images; both sides must have one dimension ({q.shape[1]} vs {g.shape[1]})"
+        )
     removed = bool(dataset.remove_reference)
     exclude = reference_positions([t.reference for t in triplets], gallery) if removed else None
     sets = _image_sets(dataset, split, triplets, gallery)
     depth = len(gallery) if k is None or sets is not None else k
-    idx, scores = topk_rankings(torch.from_numpy(q), torch.from_numpy(g), depth, exclude=exclude)
+    idx, scores = topk_rankings(q, g, depth, exclude=exclude)
     extra = None
     if sets is not None and k is not None and k < idx.shape[1]:
         # CIRR's Recall_subset ranks the image set within the full ranking: keep the members
@@ -115,6 +145,61 @@ def rank_split(
         extra = [[j for j in row[k:] if j in members] for row, members in zip(idx.tolist(), sets)]
         idx, scores = idx[:, :k], scores[:, :k]
     return Ranking(triplets, gallery, idx, scores, removed, extra)
+
+
+def rank_teacher(
+    dataset, split: str, query_store: str | Path, gallery_store: str | Path, k: int | None = 50, limit: int | None = None
+) -> Ranking:
+    """CIR-CoT as a retriever: rank ``split`` by its teacher's ``<emb>`` embeddings, the query
+    store (``csmcir teacher``) against the gallery store (``csmcir teacher --gallery``), through
+    the same protocol as the student (:func:`rank_embeddings`).
+
+    The two stores must come from one teacher: the same model, layer and dimension, a query store
+    and a gallery store, the gallery's mode ``fast`` (or both ``oracle`` / both ``imported``); every
+    query and gallery image of the split must be in them. Otherwise a one-line error names the
+    store, the field and the fix."""
+    from ..teacher.store import read_teacher_store
+
+    dataset.validate(split)
+    qh, qids, qemb = read_teacher_store(query_store)
+    gh, gids, gemb = read_teacher_store(gallery_store)
+    check_teacher_pair(qh, gh, query_store, gallery_store)
+    triplets = dataset.triplets(split)[:limit]
+    gallery = dataset.gallery(split)
+    qrow = _rows(qids, [t.id for t in triplets], query_store, "query", split, "csmcir teacher")
+    grow = _rows(gids, gallery, gallery_store, "gallery image", split, "csmcir teacher --gallery")
+    return rank_embeddings(dataset, split, triplets, gallery, qemb[qrow], gemb[grow], k)
+
+
+def check_teacher_pair(qh: dict, gh: dict, query_store, gallery_store) -> None:
+    """Refuse a query store and a gallery store that are not one teacher's two sides."""
+    if qh.get("kind") != "query":
+        raise CsmcirError(
+            f"{query_store} is a {qh.get('kind')} store; pass the query store (written by `csmcir teacher` without --gallery)"
+        )
+    if gh.get("kind") != "gallery":
+        raise CsmcirError(f"{gallery_store} is a {gh.get('kind')} store; pass the gallery store (written by `csmcir teacher --gallery`)")
+    for key in ("model", "layer", "dim"):
+        if qh.get(key) != gh.get(key):
+            raise CsmcirError(
+                f"the teacher stores differ in {key}: {query_store} has {qh.get(key)!r}, {gallery_store} has "
+                f"{gh.get(key)!r}; embed both sides with one teacher"
+            )
+    special = {"oracle", "imported"}
+    if (qh.get("mode") in special or gh.get("mode") in special) and qh.get("mode") != gh.get("mode"):
+        raise CsmcirError(f"the teacher stores differ in mode: {query_store} is {qh.get('mode')!r}, {gallery_store} is {gh.get('mode')!r}")
+    if qh.get("mode") not in special and gh.get("mode") != "fast":
+        raise CsmcirError(f"{gallery_store} has mode {gh.get('mode')!r}; a gallery is embedded in fast mode")
+
+
+def _rows(ids: list[str], want: list[str], store, what: str, split: str, fix: str) -> np.ndarray:
+    pos = {i: r for r, i in enumerate(ids)}
+    missing = [i for i in want if i not in pos]
+    if missing:
+        raise CsmcirError(
+            f"{store} has no embedding for {len(missing)} {what}s of split {split!r}, first {missing[0]!r}: run `{fix}` on that split (it resumes)"
+        )
+    return np.array([pos[i] for i in want], dtype=np.int64)
 
 
 def _image_sets(dataset, split: str, triplets: list, gallery: list[str]) -> list[set[int]] | None:
