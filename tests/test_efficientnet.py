@@ -177,3 +177,35 @@ def test_the_cache_encoders_inference_copy_gives_the_towers_features(classifier)
     assert got.shape == want.shape == (2, 49, 320)
     torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
     assert set(model.state_dict()) == set(_dual_tower("mbconv7").state_dict())  # the module kept its keys
+
+
+def test_the_grid_adapter_is_optional_sized_from_the_grid_and_trains():
+    from csmcir.models.efficientnet import grid_side
+
+    assert [grid_side(224, "mbconv7"), grid_side(112, "mbconv7"), grid_side(112, "mbconv5"), grid_side(224, "head")] == [7, 4, 7, 7]
+    cfg = get_model_config("lite0_small", {"vision": {"grid_adapter": True}})
+    model = CIRDualTower(cfg)
+    assert model.grid_adapter.pos.shape == (1, 16, 320)
+    model.vision.requires_grad_(False)
+    ids = torch.tensor([[101, 102]])
+    out = model.encode(ids, torch.ones_like(ids), pixels=torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8))
+    out.sum().backward()
+    assert model.grid_adapter.pos.grad is not None and model.grid_adapter.pos.grad.abs().sum() > 0
+    assert CIRDualTower(get_model_config("lite0_small")).grid_adapter is None  # off by default
+
+
+def test_lite0_small_loads_its_own_weights_unless_told_otherwise(package_state):
+    from csmcir.data.feature_cache import AUTO_FOLDER, resolve_cache_folder
+    from csmcir.models.build import NetworkSpec, build_network
+
+    net = build_network(NetworkSpec(model="lite0_small"))  # init null: the config's own (the packaged ImageNet weights)
+    assert net.vision_source == [{"source": "efficientnet", "path": "package", "allow_partial": False}]
+    assert not any(p.requires_grad for p in net.vision.parameters())  # pretrained, so frozen
+    want = map_efficientnet_keys(package_state)
+    assert torch.equal(net.vision.net.stem.conv.weight, want["stem.conv.weight"])
+    rand = build_network(NetworkSpec(model="lite0_small", init=[]))  # []: random, trained
+    assert rand.vision_source is None and all(p.requires_grad for p in rand.vision.parameters())
+    assert build_network(NetworkSpec(model="small")).vision_source is None  # a config that names no weights
+    # model.feature_cache auto: the cache for a frozen tower, pixels for a trained one
+    assert resolve_cache_folder("auto", frozen=True) == AUTO_FOLDER and resolve_cache_folder("auto", frozen=False) is None
+    assert resolve_cache_folder(None, frozen=True) is None and resolve_cache_folder("x", frozen=False) == "x"

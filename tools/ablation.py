@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 VARIANTS = {
+    # the README default (configs/synthetic.yaml: frozen EfficientNet-Lite0 + 128-wide Q-Former, 7 epochs)
     "symmetric": ["--data.target_text", "caption"],  # target = image + final MCoT caption
     "asymmetric": ["--data.target_text", "none"],  # target = image only (SPRC-style)
     "no_reference_negative": ["--data.reference_negative", "false"],
@@ -33,6 +34,8 @@ VARIANTS = {
         "--model.memory_bank",
         '{"capacity": 4096, "max_age": 200, "half_life": 100, "min_fraction": 0.25, "momentum": 0.99}',
     ],
+    # the default before 2026-12-01: the conv tower trained from scratch, 5 epochs (docs/benchmarks.md sections 1-13)
+    "scratch": ["--model.net.model", "small", "--trainer.max_epochs", "5"],
     # (momentum_keys: qformer is not a variant here: on the synthetic default's trained tower it learnt
     # nothing, seed 0 (at eafa188) gave test R@1 0.0, and CIRModule now refuses it; docs/memory_bank.md)
 }
@@ -80,6 +83,14 @@ VARIANTS["lite0_minilm"] = ["--config", "configs/pretrained.yaml", "--model.net.
 # (819 steps) fit in the default's time; lite0_minilm trains at 52 samples/s (a 60-step fit: 453 s), so 140 steps
 VARIANTS["lite0_small_e7"] = VARIANTS["lite0_small"] + ["--trainer.max_epochs", "7"]
 VARIANTS["lite0_small_e7_asymmetric"] = VARIANTS["lite0_small_e7"] + ["--data.target_text", "none"]
+# the same with the grid adapter (a learned position embedding + LayerNorm after the frozen grid)
+VARIANTS["lite0_small_e7_grid_adapter"] = [
+    "--model.net.overrides",
+    json.dumps({"vision": {**json.loads(_LITE0)["vision"], "grid_adapter": True}}),
+    *_LITE0_INIT,
+    "--trainer.max_epochs",
+    "7",
+]
 VARIANTS["lite0_minilm_eqtime"] = VARIANTS["lite0_minilm"] + ["--trainer.max_steps", "140"]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import CsmcirError
 from ..io import ensure_writable_dir
 
-__all__ = ["tower_key", "CachedFeatures", "FeatureCache", "CACHE_BATCH_SIZE"]
+__all__ = ["tower_key", "CachedFeatures", "FeatureCache", "CACHE_BATCH_SIZE", "AUTO_FOLDER", "resolve_cache_folder"]
 
 # images a batch when filling the cache: on the 2-core CPU EfficientNet-Lite0 at 112 px encodes
 # 117 images/s in batches of 64 and 55 in batches of 256 (the working set outgrows the CPU caches;
@@ -40,8 +40,26 @@ __all__ = ["tower_key", "CachedFeatures", "FeatureCache", "CACHE_BATCH_SIZE"]
 CACHE_BATCH_SIZE = 64
 
 
+# model.feature_cache "auto": this folder when the vision tower is frozen, no cache when it trains
+AUTO_FOLDER = "cache/features"
+
+
+def resolve_cache_folder(value: str | None, frozen: bool) -> str | None:
+    """The cache folder ``model.feature_cache`` means: ``auto`` -> :data:`AUTO_FOLDER` for a frozen
+    tower and ``None`` (pixels every step) for a trained one; ``null`` -> ``None``; else the folder."""
+    if value == "auto":
+        return AUTO_FOLDER if frozen else None
+    return value or None
+
+
+# VisionConfig fields that act after the frozen tower (on its cached features), not on what it outputs
+_AFTER_THE_TOWER = ("grid_adapter",)
+
+
 def tower_key(vision: torch.nn.Module, config: dict) -> str:
-    """A digest of the vision tower's config and weights (16 hex digits)."""
+    """A digest of the vision tower's config and weights (16 hex digits). Fields that act on the
+    features after the tower (``grid_adapter``) are left out: they do not change what is cached."""
+    config = {k: v for k, v in config.items() if k not in _AFTER_THE_TOWER}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(vision.state_dict().items()):
         h.update(name.encode())

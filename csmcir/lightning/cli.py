@@ -16,7 +16,7 @@ from ..models import NetworkSpec
 from .callbacks import LastCheckpoint, TrainSpeed, ValidateShortFit
 from .module import CIRModule
 
-TRAINER_DEFAULTS = {"default_root_dir": "checkpoints/synthetic", "max_epochs": 5, "num_sanity_val_steps": 0, "log_every_n_steps": 25}
+TRAINER_DEFAULTS = {"default_root_dir": "checkpoints/synthetic", "max_epochs": 7, "num_sanity_val_steps": 0, "log_every_n_steps": 25}
 
 
 class CsmcirCLI(LightningCLI):

@@ -45,7 +45,8 @@ class CIRModule(L.LightningModule):
     Args:
         net: the network: a :class:`~csmcir.models.NetworkSpec` (``model.net.model``,
             ``.overrides``, ``.init``, ``.freeze_vision``, ``.grad_checkpointing``; the default is
-            the synthetic default's ``small`` tower), or an already built
+            the synthetic default's ``lite0_small``: the packaged ImageNet EfficientNet-Lite0,
+            frozen, at 112 px, under a 128-wide Q-Former trained from scratch), or an already built
             :class:`~csmcir.models.CIRDualTower` (Python API).
         lr: peak learning rate of the default AdamW; ``weight_decay`` applies to weights, not to
             norms, biases, embeddings or the temperature.
@@ -66,10 +67,11 @@ class CIRModule(L.LightningModule):
             does not beat in-batch negatives on the test split (docs/memory_bank.md).
         distill: ``null`` (default) or a :class:`~csmcir.losses.DistillConfig` (distillation from
             a CIR-CoT teacher, ``data.teacher``); the head is dropped at inference.
-        feature_cache: ``null`` (default) or a folder: with the vision tower frozen, encode every
-            image once into float16 memory-mapped features there (keyed by tower weights and image
-            id, resumable; :mod:`csmcir.data.feature_cache`) and train and evaluate the Q-Former
-            from them instead of re-encoding pixels every step.
+        feature_cache: a folder: with the vision tower frozen, encode every image once into
+            float16 memory-mapped features there (keyed by tower weights and image id, resumable;
+            :mod:`csmcir.data.feature_cache`) and train and evaluate the Q-Former from them
+            instead of re-encoding pixels every step. ``auto`` (default): ``cache/features`` when
+            the tower is frozen, no cache when it trains; ``null``: never.
         eval_ks: the K of the logged Recall@K.
         optimizer: ``null`` (AdamW, betas (0.9, 0.98), ``lr``, ``weight_decay`` on weights only)
             or any optimizer class (``--model.optimizer SGD --model.optimizer.lr 0.1``); it
@@ -80,7 +82,7 @@ class CIRModule(L.LightningModule):
 
     def __init__(
         self,
-        net: NetworkSpec = NetworkSpec(),
+        net: NetworkSpec = NetworkSpec(model="lite0_small"),
         lr: float = 2e-3,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
@@ -91,7 +93,7 @@ class CIRModule(L.LightningModule):
         gather_negatives: bool = True,
         memory_bank: MemoryBankConfig | None = None,
         distill: DistillConfig | None = None,
-        feature_cache: str | None = None,
+        feature_cache: str | None = "auto",
         eval_ks: list[int] = [1, 5, 10, 50],
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
@@ -345,11 +347,12 @@ class CIRModule(L.LightningModule):
 
     def _use_feature_cache(self) -> None:
         """Swap the data's pixels for the frozen tower's cached features (model.feature_cache)."""
-        folder = self.hparams.get("feature_cache")
+        from ..data.feature_cache import FeatureCache, resolve_cache_folder, tower_key
+
+        value = self.hparams.get("feature_cache")
+        folder = resolve_cache_folder(value, frozen=not self._vision_trains())
         if not folder:
             return
-        from ..data.feature_cache import FeatureCache, tower_key
-
         if self._vision_trains():
             raise CsmcirError(
                 "model.feature_cache needs a frozen vision tower: set model.net.freeze_vision true "

@@ -43,9 +43,11 @@ class NetworkSpec:
         model: a named model config (``tiny``, ``small``, ``base``; ``csmcir/model_configs``) or
             a JSON file.
         overrides: nested overrides of that config, e.g. ``{qformer: {num_layers: 4}}``.
-        init: ``null`` (random weights) or pretrained weights: ``{source, path, allow_partial}``,
-            or a list of them merged in order (LAVIS's ``eva_vit_g.pth`` then
-            ``blip2_pretrained.pth``; a CLIP tower then ``bert``).
+        init: pretrained weights: ``{source, path, allow_partial}``, or a list of them merged in
+            order (LAVIS's ``eva_vit_g.pth`` then ``blip2_pretrained.pth``; a CLIP tower then
+            ``bert``). ``null`` (default): the weights the model config names (its ``init``:
+            ``lite0_small`` the packaged ImageNet EfficientNet-Lite0; random for the others);
+            ``[]``: random weights whatever the config names.
         freeze_vision: keep the vision tower fixed (``null``: frozen exactly when ``init`` loaded
             pretrained vision weights, as BLIP-2 trains its Q-Former).
         grad_checkpointing: recompute the Q-Former's activations in the backward pass (less
@@ -69,7 +71,7 @@ class NetworkSpec:
         overrides = self.overrides or {}
         kind = (overrides.get("vision") or {}).get("kind", base.vision.kind)
         fixed: dict[str, Any] = {}
-        for s in init_sources(self.init):
+        for s in init_sources(self.init_entries()):
             sizes = checkpoint_sizes(s.source, s.path)
             if kind != "blip2_vit":
                 sizes.pop("vision", None)  # the ViT's sizes only bind a tower that takes its weights
@@ -82,6 +84,10 @@ class NetworkSpec:
                 f"{theirs[clash]!r}: drop the override (the sizes come from the checkpoint)"
             )
         return get_model_config(self.model, _merge(fixed, overrides) or None)
+
+    def init_entries(self) -> dict | list | None:
+        """``init``, or the model config's own when ``init`` is ``null``."""
+        return get_model_config(self.model).init if self.init is None else self.init
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +132,7 @@ def build_network(spec: NetworkSpec | None = None, info=None, **kwargs) -> CIRDu
     info = info or log.info
     net = CIRDualTower(spec.model_config())
     loaded: list[str] = []
-    sources = init_sources(spec.init)
+    sources = init_sources(spec.init_entries())
     if sources:
         from .weights import explain_unused, load_pretrained
 

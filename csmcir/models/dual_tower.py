@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .vision import build_vision_tower
+from .vision import GridAdapter, build_vision_tower
 
 
 class CIRDualTower(nn.Module):
@@ -28,6 +28,12 @@ class CIRDualTower(nn.Module):
         self.cfg = cfg
         qcfg = cfg.qformer_config()
         self.vision = build_vision_tower(cfg.vision)
+        # optional: positions and a LayerNorm over a frozen CNN grid, trained with the Q-Former (GridAdapter)
+        self.grid_adapter = (
+            GridAdapter(self.vision.num_tokens, cfg.vision.width)
+            if cfg.vision.kind == "efficientnet_lite0" and cfg.vision.grid_adapter
+            else None
+        )
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, qcfg.hidden_size) * 0.02)
         self.text_embeddings = Blip2TextEmbeddings(qcfg)
         self.qformer = Blip2QFormerModel(qcfg)
@@ -68,6 +74,8 @@ class CIRDualTower(nn.Module):
             if pixels is None:
                 raise ValueError("encode() needs pixels or image_features")
             image_features = self.encode_image(pixels)
+        if self.grid_adapter is not None:
+            image_features = self.grid_adapter(image_features)
         b = input_ids.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
         x = self.text_embeddings(input_ids=input_ids, query_embeds=queries)

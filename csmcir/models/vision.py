@@ -178,6 +178,12 @@ class EfficientNetLite0Tower(VisionTower):
             self.net.eval()
         return self
 
+    @property
+    def num_tokens(self) -> int:
+        from .efficientnet import grid_side
+
+        return grid_side(self.cfg.image_size, self.stage) ** 2
+
     def inference_copy(self) -> EfficientNetLite0Tower:
         """A copy with BatchNorm folded into the convs and channels-last layout (``EfficientNetLite0.fused``)."""
         import copy
@@ -194,6 +200,34 @@ class EfficientNetLite0Tower(VisionTower):
         if self.net.training and self.frozen:  # frozen after .train() was called
             self.net.eval()
         return self.net.forward_features(x, self.stage)
+
+
+class GridAdapter(nn.Module):
+    """Trained between a frozen CNN tower (or its cached features) and the Q-Former: a learned 2-D
+    position embedding per grid cell, then LayerNorm.
+
+    Cross-attention does not know where a key came from, so a CNN grid without positions leaves
+    the Q-Former only padding artefacts to tell "left of" from "right of"; the trained conv tower
+    adds its own position embedding for that reason, and BLIP-2 trains a LayerNorm (``ln_vision``)
+    after its frozen ViT. Applied after the feature cache, so cached features stay the frozen
+    tower's and the adapter trains with the Q-Former.
+
+    Off by default (``vision.grid_adapter``): on the synthetic default (seed 0, 819 steps) it gave
+    61.8 test R@1 and 38.5 held-out R@1 against the raw grid's 62.5 and 51.6. The frozen grid
+    already carries position (TF "same" padding makes CNN features position-dependent); why the
+    free per-cell embeddings hurt held-out combinations is not established (one seed;
+    docs/benchmarks.md, section 15).
+    """
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.pos.shape[1]:
+            raise CsmcirError(f"image features have {x.shape[1]} tokens, the grid adapter was built for {self.pos.shape[1]}")
+        return self.norm(x + self.pos.to(x.dtype))
 
 
 _TOWERS = {"conv": ConvTower, "blip2_vit": Blip2ViTTower, "clip_vit": ClipViTTower, "efficientnet_lite0": EfficientNetLite0Tower}

@@ -304,7 +304,10 @@ def load_pretrained(
         missing += [k for k in vision if k not in mapped]
     if qformer_sources:  # Q-Former keys; a BERT-only init leaves cross-attention, queries and projection random
         random_ok = _BERT_RANDOM if qformer_sources == {"bert"} else None
-        missing += [k for k in own if not k.startswith("vision.") and k not in mapped and not (random_ok and random_ok.match(k))]
+        # the grid adapter (positions + LayerNorm after a frozen CNN) is csmcir's own: never in a checkpoint
+        missing += [
+            k for k in own if not k.startswith(("vision.", "grid_adapter.")) and k not in mapped and not (random_ok and random_ok.match(k))
+        ]
     missing.sort()
     if missing and not allow_partial:
         part = "vision" if missing[0].startswith("vision.") else "Q-Former"
