@@ -43,6 +43,23 @@ def select_ids(ids: list[str], shard: tuple[int, int] = (0, 1), limit: int | Non
     return out if limit is None else out[:limit]
 
 
+def answer_record(key: str, item_id: str, raw: str, template: PromptTemplate, backend) -> dict:
+    """One store record of a model's answer: parsed by ``template`` (raw text kept), with the
+    model, prompt and generation settings. ``key``: ``image_id`` (captions) or ``query_id``
+    (OSrCIR's descriptions)."""
+    parsed = template.parse(raw)
+    return {
+        key: item_id,
+        "levels": parsed.levels,
+        "final": parsed.final,
+        "status": parsed.status,
+        "raw": raw,
+        "model": backend.model_id,
+        "prompt": template.id,
+        "generation": backend.settings(),
+    }
+
+
 def caption_images(
     ids: list[str],
     load_image: Callable[[str], object],
@@ -79,22 +96,9 @@ def caption_images(
             answers = backend.generate(batch, images, prompt)
             if len(answers) != len(batch):
                 raise CsmcirError(f"backend {backend.model_id} returned {len(answers)} answers for {len(batch)} images")
-            records = []
-            for i, raw in zip(batch, answers):
-                parsed = template.parse(raw)
-                counts[parsed.status] += 1
-                records.append(
-                    {
-                        "image_id": i,
-                        "levels": parsed.levels,
-                        "final": parsed.final,
-                        "status": parsed.status,
-                        "raw": raw,
-                        "model": backend.model_id,
-                        "prompt": template.id,
-                        "generation": backend.settings(),
-                    }
-                )
+            records = [answer_record("image_id", i, raw, template, backend) for i, raw in zip(batch, answers)]
+            for r in records:
+                counts[r["status"]] += 1
             store.append(records)
             counts["captioned"] += len(batch)
             bar.update(len(batch))

@@ -44,6 +44,7 @@ def describe_queries(
     from tqdm.auto import tqdm
 
     from ..captioning import CaptionStore, parse_shard, select_ids
+    from ..captioning.run import answer_record
 
     if batch_size < 1:
         raise CsmcirError("--batch-size must be at least 1")
@@ -88,22 +89,9 @@ def describe_queries(
                         [dataset.load_image(t.reference) for t in batch],
                         [query_prompt(t.text, template) for t in batch],
                     )
-                records = []
-                for t, raw in zip(batch, answers):
-                    parsed = template.parse(raw)
-                    counts[parsed.status] += 1
-                    records.append(
-                        {
-                            "query_id": t.id,
-                            "levels": parsed.levels,
-                            "final": parsed.final,
-                            "status": parsed.status,
-                            "raw": raw,
-                            "model": engine.model_id,
-                            "prompt": template.id,
-                            "generation": engine.settings(),
-                        }
-                    )
+                records = [answer_record("query_id", t.id, raw, template, engine) for t, raw in zip(batch, answers)]
+                for r in records:
+                    counts[r["status"]] += 1
                 store.append(records)
                 counts["described"] += len(batch)
                 bar.update(len(batch))

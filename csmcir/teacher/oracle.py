@@ -24,24 +24,19 @@ ORACLE_MODEL_ID = "oracle-minilm (stand-in for a CIR-CoT MLLM)"
 
 class OracleTeacher:
     def __init__(self, root, device: str = "cpu"):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
         from ..data.synthetic.builder import benchmark_params, gallery_scenes
-        from ..tokenizer import minilm_path
+        from ..osrcir.retrieve import SentenceEncoder
 
         params = benchmark_params(root)
         # the captioner with every noise rate at 0 describes a scene exactly
         self.params = dataclasses.replace(params, caption_omit_rate=0.0, caption_error_rate=0.0, caption_drop_object_rate=0.0)
         self.scenes = gallery_scenes(root)
-        path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.device, self.model_id, self._torch = device, ORACLE_MODEL_ID, torch
+        self.encoder = SentenceEncoder("minilm", device)
+        self.model_id = ORACLE_MODEL_ID
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self.encoder.dim
 
     def describe(self, image_id: str) -> str:
         from ..data.synthetic.captioner import caption_scene
@@ -51,13 +46,7 @@ class OracleTeacher:
         return caption_scene(self.scenes[image_id], np.random.default_rng(0), self.params).final
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            return torch.nn.functional.normalize(pooled, dim=1).float().cpu().numpy()
+        return self.encoder.encode(texts)
 
     def embed_queries(self, triplets) -> tuple[np.ndarray, list[str]]:
         conclusions, reasoning = [], []
