@@ -69,3 +69,41 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights(easy_bench, tmp_path
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_optimizer_moments_stored_in_bfloat16_leave_training_in_float32_and_load_back():
+    from csmcir.lightning.callbacks import compact_optimizer_states
+
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    saved = compact_optimizer_states([opt.state_dict()], torch.bfloat16)[0]
+    assert saved["state"][0]["exp_avg"].dtype == saved["state"][0]["exp_avg_sq"].dtype == torch.bfloat16
+    assert opt.state[w]["exp_avg"].dtype == torch.float32  # the live state is not the saved copy
+    assert torch.equal(saved["state"][0]["step"], opt.state[w]["step"])
+    other = torch.optim.AdamW([torch.nn.Parameter(w.detach().clone())], lr=0.1)
+    other.load_state_dict(saved)
+    back = next(iter(other.state.values()))
+    assert back["exp_avg"].dtype == torch.float32
+    assert torch.allclose(back["exp_avg_sq"], opt.state[w]["exp_avg_sq"], rtol=2**-8)
+
+
+def test_a_fit_resumed_from_bfloat16_moments_continues_to_nearly_the_same_weights(easy_bench, tmp_path):
+    whole = _fit(easy_bench, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    bf16 = ["--checkpoint_last.optimizer_dtype", "bfloat16"]
+    killed = _fit(easy_bench, tmp_path / "killed", *bf16, "--trainer.callbacks+=tests.killer.KillAfterStep", "--trainer.callbacks.step=9")
+    assert killed.returncode == -9
+    ckpt = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
+    moments = [v for st in ckpt["optimizer_states"][0]["state"].values() for k, v in st.items() if k.startswith("exp_avg")]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+    resumed = _fit(easy_bench, tmp_path / "killed", *bf16, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["state_dict"]
+    # the moments' rounding moves the next steps by a fraction of a percent of one update
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert 0 < worst < 1e-3, worst

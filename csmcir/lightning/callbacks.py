@@ -7,6 +7,7 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -68,6 +69,28 @@ class TrainSpeed(L.Callback):
         out.write_text(json.dumps(stats, indent=2) + "\n")
 
 
+OPTIMIZER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def compact_optimizer_states(optimizer_states: list[dict], dtype: torch.dtype) -> list[dict]:
+    """Copies of optimizer ``state_dict()``s whose floating-point per-parameter state (AdamW's
+    two moments) is stored in ``dtype``; step counters and the parameter groups are unchanged.
+
+    The live optimizer is untouched (``state_dict()`` hands out its own tensors, so each state is
+    rebuilt, never edited). Loading needs nothing special: ``torch.optim.Optimizer.load_state_dict``
+    casts floating-point state back to its parameter's dtype. The restored moments then carry
+    ``dtype``'s rounding (bfloat16: relative error <= 2**-9); the weights stay exact.
+    """
+    out = []
+    for sd in optimizer_states:
+        state = {
+            i: {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "step" else v for k, v in st.items()}
+            for i, st in sd["state"].items()
+        }
+        out.append({**sd, "state": state})
+    return out
+
+
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps AND at the end of every epoch.
 
@@ -75,7 +98,27 @@ class LastCheckpoint(ModelCheckpoint):
     the last multiple of N (step 700 of a 750-step fit), and a copy taken on an epoch's final
     batch resumes into an epoch Lightning considers unfinished. Saving again once the epoch is
     complete makes ``last.ckpt`` the final model and a clean resume point.
+
+    Args:
+        optimizer_dtype: the precision AdamW's moments are stored in. ``float32`` (default): a
+            resumed fit continues bit for bit. ``bfloat16``: the moments take half the space
+            (a BLIP-2 Q-Former's 186 M trained parameters: last.ckpt 1.49 GB instead of 2.23),
+            and a resumed fit restarts them rounded to bfloat16 (weights exact); configs/blip2.yaml
+            sets it. Only the saved copy is rounded: training keeps float32 moments.
+        **kwargs: ``ModelCheckpoint``'s.
     """
+
+    def __init__(self, *args, optimizer_dtype: Literal["float32", "bfloat16"] = "float32", **kwargs):
+        super().__init__(*args, **kwargs)
+        if optimizer_dtype not in OPTIMIZER_DTYPES:
+            raise ValueError(f"checkpoint_last.optimizer_dtype {optimizer_dtype!r}: choose one of {', '.join(OPTIMIZER_DTYPES)}")
+        self.optimizer_dtype = optimizer_dtype
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        dtype = OPTIMIZER_DTYPES[self.optimizer_dtype]
+        if dtype is not None and "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = compact_optimizer_states(checkpoint["optimizer_states"], dtype)
 
     def on_train_epoch_end(self, trainer, pl_module):
         super().on_train_epoch_end(trainer, pl_module)
