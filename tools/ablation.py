@@ -92,6 +92,48 @@ VARIANTS["lite0_small_e7_grid_adapter"] = [
     "7",
 ]
 VARIANTS["lite0_minilm_eqtime"] = VARIANTS["lite0_minilm"] + ["--trainer.max_steps", "140"]
+# issue 23 (the "remove" tail): a finer grid (mbconv5 at 112 px: 7x7 = 49 tokens of 112 channels), one listed
+# hard negative per query (the same board under another edit), a warmer starting temperature
+VARIANTS["lite0_small_e7_mbconv5"] = [
+    "--model.net.overrides",
+    json.dumps({"vision": {**json.loads(_LITE0)["vision"], "width": 112, "feature_stage": "mbconv5"}}),
+    *_LITE0_INIT,
+    "--trainer.max_epochs",
+    "7",
+]
+VARIANTS["lite0_small_e7_hardneg"] = VARIANTS["lite0_small_e7"] + ["--data.hard_negatives", "1"]
+VARIANTS["lite0_small_e7_tau05"] = VARIANTS["lite0_small_e7"] + ["--model.temperature", "0.05"]
+# binding: the query tokens side by side into the projection (pooling concat_query), twice the query tokens
+VARIANTS["lite0_small_e7_concat"] = ["--model.net.overrides", '{"pooling": "concat_query"}', *_LITE0_INIT, "--trainer.max_epochs", "7"]
+VARIANTS["lite0_small_e7_q16"] = [
+    "--model.net.overrides",
+    '{"qformer": {"num_query_tokens": 16}}',
+    *_LITE0_INIT,
+    "--trainer.max_epochs",
+    "7",
+]
+# the finer grid's combinations (issue 23)
+_M5 = json.dumps({"vision": {**json.loads(_LITE0)["vision"], "width": 112, "feature_stage": "mbconv5"}})
+VARIANTS["m5_e7_hardneg"] = VARIANTS["lite0_small_e7_mbconv5"] + ["--data.hard_negatives", "1"]
+VARIANTS["m5_e7_concat"] = [
+    "--model.net.overrides",
+    json.dumps({**json.loads(_M5), "pooling": "concat_query"}),
+    *_LITE0_INIT,
+    "--trainer.max_epochs",
+    "7",
+]
+VARIANTS["m5_e7_q16"] = [
+    "--model.net.overrides",
+    json.dumps({**json.loads(_M5), "qformer": {"num_query_tokens": 16}}),
+    *_LITE0_INIT,
+    "--trainer.max_epochs",
+    "7",
+]
+# a hypercolumn: the mbconv7 grid (abstract, 320 channels) upsampled onto the mbconv5 grid (detail, 112 channels)
+_M57 = json.dumps({"vision": {**json.loads(_LITE0)["vision"], "width": 432, "feature_stage": "mbconv5+mbconv7"}})
+VARIANTS["m57_e7"] = ["--model.net.overrides", _M57, *_LITE0_INIT, "--trainer.max_epochs", "7"]
+# the README's 15-minute budget: 12 epochs (1404 steps) with a cold cache
+VARIANTS["lite0_small_e12"] = VARIANTS["lite0_small"] + ["--trainer.max_epochs", "12"]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 
 

@@ -7,7 +7,8 @@ Same function, same weights, same embedding space. The Q-Former path is the quer
 transformers' ``Blip2ForImageTextRetrieval``: learned query tokens are concatenated in front of
 the text embeddings, the query positions cross-attend to the image features, all positions
 self-attend, and the mean of the query-token outputs (or, with ``pooling="cls"``, the fused [CLS]
-text token at position ``num_query_tokens``) is projected and L2-normalised.
+text token at position ``num_query_tokens``; with ``"concat_query"``, the query-token outputs side
+by side) is projected and L2-normalised.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .vision import GridAdapter, build_vision_tower
+
+POOLINGS = ("mean_query", "cls", "concat_query")
 
 
 class CIRDualTower(nn.Module):
@@ -37,7 +40,10 @@ class CIRDualTower(nn.Module):
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, qcfg.hidden_size) * 0.02)
         self.text_embeddings = Blip2TextEmbeddings(qcfg)
         self.qformer = Blip2QFormerModel(qcfg)
-        self.proj = nn.Linear(qcfg.hidden_size, cfg.embed_dim)
+        if cfg.pooling not in POOLINGS:
+            raise ValueError(f"pooling {cfg.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        pooled = qcfg.hidden_size * (cfg.qformer.num_query_tokens if cfg.pooling == "concat_query" else 1)
+        self.proj = nn.Linear(pooled, cfg.embed_dim)
         self.num_query_tokens = cfg.qformer.num_query_tokens
         # where a frozen pretrained vision tower's weights come from (``model.net.init`` entries,
         # set by build_network); checkpoints store this instead of the tower
@@ -93,8 +99,8 @@ class CIRDualTower(nn.Module):
             pooled = out[:, self.num_query_tokens]
         elif self.cfg.pooling == "mean_query":
             pooled = out[:, : self.num_query_tokens].mean(1)
-        else:
-            raise ValueError(f"unknown pooling {self.cfg.pooling!r}")
+        else:  # concat_query
+            pooled = out[:, : self.num_query_tokens].flatten(1)
         return F.normalize(self.proj(pooled), dim=-1)
 
     def encode_query(self, ref_pixels, input_ids, attention_mask) -> torch.Tensor:

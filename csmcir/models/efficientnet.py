@@ -74,9 +74,26 @@ STEM, HEAD, NUM_CLASSES = 32, 1280, 1000
 STAGES: dict[str, int] = {**{f"mbconv{i + 1}": s[4] for i, s in enumerate(_STAGE_SPEC)}, "head": HEAD}
 
 
+def parse_stages(stage: str) -> list[str]:
+    """``"mbconv5+mbconv7"`` -> ``["mbconv5", "mbconv7"]``: one stage, or several joined by ``+``
+    (a hypercolumn: the coarser grids upsampled onto the finest, channels side by side)."""
+    parts = stage.split("+")
+    unknown = [p for p in parts if p not in STAGES]
+    if unknown or len(set(parts)) != len(parts):
+        raise CsmcirError(f"feature stage {stage!r}: name stages of {', '.join(STAGES)}, once each, joined by '+' (e.g. mbconv5+mbconv7)")
+    return parts
+
+
+def stage_channels(stage: str) -> int:
+    """Channels of a (``+``-joined) feature stage: the sum of its stages'."""
+    return sum(STAGES[p] for p in parse_stages(stage))
+
+
 def grid_side(image_size: int, stage: str) -> int:
     """The side of ``stage``'s feature grid for a square input (TF "same" padding: each stride-2
-    layer gives ``ceil(side / 2)``)."""
+    layer gives ``ceil(side / 2)``); of the finest for ``+``-joined stages."""
+    if "+" in stage:
+        return max(grid_side(image_size, p) for p in parse_stages(stage))
     side = math.ceil(image_size / 2)  # the stem
     for name, spec in zip(STAGES, _STAGE_SPEC):
         side = math.ceil(side / spec[3])
@@ -166,19 +183,29 @@ class EfficientNetLite0(nn.Module):
         self.classifier = nn.Linear(HEAD, NUM_CLASSES) if last == "classifier" else None
 
     def _grid(self, x: torch.Tensor, layer: str) -> torch.Tensor:
-        if layer not in STAGES:
-            raise CsmcirError(f"unknown EfficientNet-Lite0 stage {layer!r} (known: {', '.join(STAGES)})")
+        """The ``[B, C, H, W]`` grid of stage ``layer``; of ``+``-joined stages, the coarser ones
+        upsampled (nearest) onto the finest grid and concatenated along channels."""
+        layers = parse_stages(layer)
         names = list(STAGES)
-        if names.index(layer) > ([*names, "classifier"].index(self.last)):
-            raise CsmcirError(f"stage {layer!r} is past the last stage built ({self.last!r})")
+        for name in layers:
+            if names.index(name) > ([*names, "classifier"].index(self.last)):
+                raise CsmcirError(f"stage {name!r} is past the last stage built ({self.last!r})")
         if getattr(self, "channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
+        deepest = max(names.index(n) for n in layers)
+        grids = {}
         x = self.stem(x)
-        for name, stage in zip(names, self.stages):
+        for name, stage in zip(names[: deepest + 1], self.stages):
             x = stage(x)
-            if name == layer:
-                return x
-        return self.head(x)
+            grids[name] = x
+        if "head" in layers:
+            grids["head"] = self.head(x)
+        if len(layers) == 1:
+            return grids[layers[0]]
+        side = max(grids[n].shape[-2:] for n in layers)
+        return torch.cat(
+            [grids[n] if grids[n].shape[-2:] == side else F.interpolate(grids[n], size=side, mode="nearest") for n in layers], 1
+        )
 
     def fused(self) -> EfficientNetLite0:
         """An inference copy: BatchNorm folded into every conv, channels-last memory layout.

@@ -156,17 +156,22 @@ class EfficientNetLite0Tower(VisionTower):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__(cfg)
-        from .efficientnet import STAGES, EfficientNetLite0
+        from .efficientnet import STAGES, EfficientNetLite0, parse_stages, stage_channels
 
         stage = cfg.feature_stage
-        if stage not in STAGES:
-            raise CsmcirError(f"unknown vision.feature_stage {stage!r} for efficientnet_lite0 (known: {', '.join(STAGES)})")
-        if cfg.width != STAGES[stage]:
+        try:
+            stages = parse_stages(stage)
+        except CsmcirError:
             raise CsmcirError(
-                f"vision.width {cfg.width} does not match efficientnet_lite0 stage {stage!r}: set vision.width {STAGES[stage]}"
+                f"unknown vision.feature_stage {stage!r} for efficientnet_lite0 (known: {', '.join(STAGES)}, or several "
+                "joined by '+', e.g. mbconv5+mbconv7)"
+            ) from None
+        if cfg.width != stage_channels(stage):
+            raise CsmcirError(
+                f"vision.width {cfg.width} does not match efficientnet_lite0 stage {stage!r}: set vision.width {stage_channels(stage)}"
             )
         self.stage = stage
-        self.net = EfficientNetLite0(last=stage)
+        self.net = EfficientNetLite0(last=max(stages, key=list(STAGES).index))
 
     @property
     def frozen(self) -> bool:
