@@ -42,6 +42,8 @@ class VisionConfig:
             (the 1280-channel 1x1 head conv). Default ``"mbconv7"``: 320 channels, a 7x7 grid at
             224 px (``ceil(image_size / 32)`` on a side; ``/16`` for mbconv4-5), the best of the
             candidates in docs/efficientnet.md's probe at a quarter of the head's width.
+            Several stages joined by ``+`` (``"mbconv5+mbconv7"``, width 432) give a hypercolumn:
+            the coarser grids upsampled onto the finest, their channels side by side.
         grid_adapter: efficientnet_lite0 only: a trained position embedding + LayerNorm between
             the frozen grid (or its cache) and the Q-Former (:class:`~csmcir.models.vision.GridAdapter`).
             Off by default: on the synthetic default it lost 13 held-out R@1 (docs/benchmarks.md, section 15).
@@ -88,6 +90,35 @@ class QFormerConfig:
 
 
 @dataclass
+class IntentConfig:
+    """CIR-LVLM's hybrid intent instruction (``model.intent``; csmcir.models.intent), prepended to
+    the Q-Former's text input on both sides, every parameter shared by them.
+
+    Args:
+        task_prompt: a task prompt per side: the tokens of ``query_phrase`` / ``target_phrase``
+            through the Q-Former's word embeddings, plus a learned offset per token (zero at the
+            start, so it begins as the phrase).
+        query_phrase, target_phrase: the two task prompts' words.
+        pool_size: N learnable soft prompts with keys (0: no pool).
+        prompt_length: L tokens per soft prompt.
+        top_k: soft prompts chosen per example: the keys nearest (cosine) to the example's
+            selection feature, the mean image feature and the mean text embedding, each
+            L2-normalised, side by side (detached, so the choice never trains the encoders).
+        key_weight: weight of the key-pulling term, ``1 - cos`` between a selection feature
+            and the keys it chose (keys get no gradient from the retrieval loss, whose choice is
+            a hard top-k, so without it they never move).
+    """
+
+    task_prompt: bool = True
+    query_phrase: str = "find the image that shows the reference image changed as the text says"
+    target_phrase: str = "an image and its description"
+    pool_size: int = 0
+    prompt_length: int = 4
+    top_k: int = 1
+    key_weight: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     """The symmetric dual tower: one vision tower, one Q-Former, one projection.
 
@@ -104,6 +135,7 @@ class ModelConfig:
         init: the pretrained weights the config is made for (``model.net.init`` entries), loaded
             when ``model.net.init`` is ``null``: ``lite0_small`` names the packaged ImageNet
             EfficientNet-Lite0; ``tiny``, ``small`` and ``base`` name none (random weights).
+        intent: ``null`` (default) or an :class:`IntentConfig`: task and soft prompts before the text.
     """
 
     name: str = "custom"
@@ -113,6 +145,7 @@ class ModelConfig:
     pooling: str = "mean_query"
     tokenizer: str = "minilm"
     init: list | None = None
+    intent: IntentConfig | None = None
 
     def qformer_config(self):
         """The transformers ``Blip2QFormerConfig`` for this model (cross-attention width wired)."""
@@ -145,7 +178,9 @@ class ModelConfig:
             raise CsmcirError(f"unknown model config fields: {sorted(unknown)}")
         vision = _sub(VisionConfig, d.pop("vision", {}), "vision")
         qformer = _sub(QFormerConfig, d.pop("qformer", {}), "qformer")
-        return cls(vision=vision, qformer=qformer, **d)
+        intent = d.pop("intent", None)
+        intent = intent if intent is None or isinstance(intent, IntentConfig) else _sub(IntentConfig, intent, "intent")
+        return cls(vision=vision, qformer=qformer, intent=intent, **d)
 
 
 def _sub(klass, d: dict[str, Any], section: str):

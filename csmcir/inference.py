@@ -139,12 +139,13 @@ class Encoder:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def encode_ids(self, image_ids: list[str], texts: list[str], load_image) -> np.ndarray:
+    def encode_ids(self, image_ids: list[str], texts: list[str], load_image, side: str | None = None) -> np.ndarray:
         """Embed (image id, text) pairs: cached features where the feature cache has the id,
-        ``load_image(id)`` and the vision tower for the rest; float32 ``[N, D]``, L2-normalised."""
+        ``load_image(id)`` and the vision tower for the rest; float32 ``[N, D]``, L2-normalised.
+        ``side``: ``"query"`` or ``"target"`` (:meth:`encode`)."""
         cached = [i in self.features for i in image_ids] if self.features is not None else [False] * len(image_ids)
         if not any(cached):
-            return self.encode([load_image(i) for i in image_ids], texts)
+            return self.encode([load_image(i) for i in image_ids], texts, side=side)
         shape = self._feature_shape()
         feats = torch.empty((len(image_ids), *shape), dtype=self.model.proj.weight.dtype, device=self.device)
         hit = [k for k, c in enumerate(cached) if c]
@@ -155,7 +156,7 @@ class Encoder:
                 feats[miss] = self.model.encode_image(self._pixels([load_image(image_ids[k]) for k in miss])).to(feats.dtype)
         ids, mask = self.tokenize(texts)
         with self._autocast():
-            return self.model.encode(ids, mask, image_features=feats).float().cpu().numpy()
+            return self.model.encode(ids, mask, image_features=feats, side=side).float().cpu().numpy()
 
     def _feature_shape(self) -> tuple[int, int]:
         if getattr(self, "_shape", None) is None:
@@ -181,12 +182,24 @@ class Encoder:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
 
     @torch.no_grad()
-    def encode(self, images: list, texts: list[str]) -> np.ndarray:
-        """Embed (PIL image, text) pairs; returns float32 ``[N, D]``, L2-normalised."""
+    def prompt_choices(self, images: list, texts: list[str], side: str = "query") -> list[list[int]]:
+        """The intent pool's soft prompts each (image, text) pair chooses (``model.intent``), best
+        first; empty lists for a model without a pool."""
         pixels = self._pixels(images)
         ids, mask = self.tokenize(texts)
         with self._autocast():
-            return self.model.encode(ids, mask, pixels=pixels).float().cpu().numpy()
+            _, sel = self.model.encode(ids, mask, pixels=pixels, side=side, return_selection=True)
+        return [[] for _ in texts] if sel is None else sel.index.cpu().tolist()
+
+    @torch.no_grad()
+    def encode(self, images: list, texts: list[str], side: str | None = None) -> np.ndarray:
+        """Embed (PIL image, text) pairs; returns float32 ``[N, D]``, L2-normalised. ``side``:
+        ``"query"`` (reference image + modification text) or ``"target"`` (gallery image +
+        caption); a checkpoint with intent prompts (``model.intent``) needs it, others ignore it."""
+        pixels = self._pixels(images)
+        ids, mask = self.tokenize(texts)
+        with self._autocast():
+            return self.model.encode(ids, mask, pixels=pixels, side=side).float().cpu().numpy()
 
 
 _NET_KEYS = {

@@ -13,6 +13,7 @@ and ``attach_feature_cache`` (see :class:`~csmcir.data.datamodule.CIRDataModule`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import asdict
 
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from ..config import IntentConfig
 from ..data.batch import EvalBatch, TrainBatch
 from ..errors import ConfigError, CsmcirError
 from ..inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
@@ -67,6 +69,11 @@ class CIRModule(L.LightningModule):
             does not beat in-batch negatives on the test split (docs/memory_bank.md).
         distill: ``null`` (default) or a :class:`~csmcir.losses.DistillConfig` (distillation from
             a CIR-CoT teacher, ``data.teacher``); the head is dropped at inference.
+        intent: ``null`` (default) or an :class:`~csmcir.config.IntentConfig`: CIR-LVLM's task
+            prompt per side and soft prompts chosen from a learnable pool, before the Q-Former's
+            text (:mod:`csmcir.models.intent`); part of the network, so checkpoints and inference
+            keep it. Logs ``train/loss_intent_pull`` and, per epoch, ``train/intent_pool_entropy``
+            (1: prompts chosen evenly, 0: a collapsed pool) and ``train/intent_pool_used``.
         feature_cache: a folder: with the vision tower frozen, encode every image once into
             float16 memory-mapped features there (keyed by tower weights and image id, resumable;
             :mod:`csmcir.data.feature_cache`) and train and evaluate the Q-Former from them
@@ -93,24 +100,31 @@ class CIRModule(L.LightningModule):
         gather_negatives: bool = True,
         memory_bank: MemoryBankConfig | None = None,
         distill: DistillConfig | None = None,
+        intent: IntentConfig | None = None,
         feature_cache: str | None = "auto",
         eval_ks: list[int] = [1, 5, 10, 50],
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "memory_bank", "distill"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "memory_bank", "distill", "intent"])
         memory_bank = _typed(memory_bank, MemoryBankConfig, "memory_bank")
         distill = _typed(distill, DistillConfig, "distill")
+        intent = _typed(intent, IntentConfig, "intent")
+        self.hparams["intent"] = None if intent is None else asdict(intent)
         # checkpoints hold plain types only (torch.load(weights_only=True) reads them back)
         self.hparams["memory_bank"] = None if memory_bank is None else asdict(memory_bank)
         self.hparams["distill"] = None if distill is None else asdict(distill)
         if isinstance(net, torch.nn.Module):
+            if intent is not None:
+                raise ConfigError("model.intent with a built network: give the network's config an intent instead")
             self.model = net
         else:
             from lightning.pytorch.utilities import rank_zero_info
 
             spec = _typed(net, NetworkSpec, "net")
+            if intent is not None:  # the prompts are part of the network: its config carries them
+                spec = dataclasses.replace(spec, overrides={**(spec.overrides or {}), "intent": asdict(intent)})
             self.hparams["net"] = spec.to_dict()
             self.model = build_network(spec, info=rank_zero_info)
         if not isinstance(self.model, CIRDualTower):
@@ -140,6 +154,8 @@ class CIRModule(L.LightningModule):
             self.ema_model = copy.deepcopy(self.model, memo).requires_grad_(False)
         self.distill = DistillLoss(self.model_config.embed_dim, distill) if distill else None
         self._eval: dict[str, dict[str, list]] = {}
+        pool = self.model.intent.cfg.pool_size if self.model.intent is not None else 0
+        self._intent_counts = torch.zeros(pool, dtype=torch.long) if pool else None
 
     def _vision_trains(self) -> bool:
         return any(p.requires_grad for p in self.model.vision.parameters())
@@ -151,7 +167,7 @@ class CIRModule(L.LightningModule):
         reusing the query side's image features). Returns ``(q, candidates, their rows, target
         image features)``."""
         ref_features = self.model.encode_image(b.ref)
-        q = self.model.encode(b.query_ids, b.query_mask, image_features=ref_features)
+        q = self._encode(b.query_ids, b.query_mask, ref_features, "query")
         pixels, ids, mask, rows = b.target, b.caption_ids, b.caption_mask, b.target_row
         if b.neg is not None:
             negs = b.neg.flatten(0, 1)
@@ -169,10 +185,22 @@ class CIRModule(L.LightningModule):
             ids = torch.cat([ids, b.ref_caption_ids])
             mask = torch.cat([mask, b.ref_caption_mask])
             rows = torch.cat([rows, b.ref_row])
-        return q, self.model.encode(ids, mask, image_features=features), rows, features
+        return q, self._encode(ids, mask, features, "target"), rows, features
+
+    def _encode(self, ids, mask, features, side: str) -> torch.Tensor:
+        """``model.encode`` of one side; with an intent pool, the key-pulling term of its choices
+        joins the step's loss (``self._intent_pull``) and the choices are counted."""
+        if self.model.intent is None:
+            return self.model.encode(ids, mask, image_features=features, side=side)
+        emb, sel = self.model.encode(ids, mask, image_features=features, side=side, return_selection=True)
+        if sel is not None:
+            self._intent_pull.append(sel.pull_loss())
+            self._intent_counts += torch.bincount(sel.index.flatten().cpu(), minlength=len(self._intent_counts))
+        return emb
 
     def training_step(self, batch: TrainBatch, batch_idx):
         b = batch
+        self._intent_pull: list[torch.Tensor] = []
         q, c, rows, features = self._encode_step(b)
         bs = q.shape[0]
         t, neg, neg_rows = c[:bs], c[bs:], rows[bs:]
@@ -201,6 +229,10 @@ class CIRModule(L.LightningModule):
             self._enqueue(t, target_rows, local_rows, key, gathered, bs)
         if self.distill is not None:
             loss = loss + self._distill_loss(q, t[offset : offset + bs] if gathered else t, b, bs)
+        if self._intent_pull:
+            pull = torch.stack(self._intent_pull).mean()
+            self.log("train/loss_intent_pull", pull, batch_size=bs)
+            loss = loss + self.model.intent.cfg.key_weight * pull
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", self.loss.temperature, batch_size=bs)
         return loss
@@ -224,9 +256,9 @@ class CIRModule(L.LightningModule):
         if self.ema_model is not None:
             with torch.no_grad():
                 if self.bank.momentum_keys == "qformer":  # the step's own target features, EMA Q-Former only
-                    key = self.ema_model.encode(b.caption_ids, b.caption_mask, image_features=target_features.detach())
+                    key = self.ema_model.encode(b.caption_ids, b.caption_mask, image_features=target_features.detach(), side="target")
                 else:
-                    key = self.ema_model.encode(b.caption_ids, b.caption_mask, pixels=b.target)
+                    key = self.ema_model.encode(b.caption_ids, b.caption_mask, pixels=b.target, side="target")
         return extra, extra_bias, key
 
     def _enqueue(self, t, target_rows, local_rows, key, gathered: bool, bs: int) -> None:
@@ -279,9 +311,9 @@ class CIRModule(L.LightningModule):
         mask = (torch.arange(n)[None, :] < store.caption_lengths[rows][:, None]).long().to(self.device)
         encoder = self.model if self.ema_model is None else self.ema_model  # the encoder that made the entries
         if self.ema_model is not None and self.bank.momentum_keys == "qformer":  # its vision side is the trained tower
-            fresh = encoder.encode(ids, mask, image_features=self.model.encode_image(store.images[rows].to(self.device)))
+            fresh = encoder.encode(ids, mask, image_features=self.model.encode_image(store.images[rows].to(self.device)), side="target")
         else:
-            fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device))
+            fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device), side="target")
         return self.bank.drift(slots, fresh)
 
     @torch.no_grad()
@@ -295,6 +327,15 @@ class CIRModule(L.LightningModule):
                 be.copy_(buffers[name])
 
     def on_train_epoch_end(self):
+        if self._intent_counts is not None:
+            from ..models.intent import usage_entropy
+
+            counts = self._intent_counts.to(self.device)
+            if self.trainer.world_size > 1:
+                counts = self.all_gather(counts).sum(0)
+            self.log("train/intent_pool_entropy", usage_entropy(counts), sync_dist=False, rank_zero_only=True)
+            self.log("train/intent_pool_used", float((counts > 0).float().mean()), sync_dist=False, rank_zero_only=True)
+            self._intent_counts.zero_()
         if self.bank is not None and self.trainer.world_size > 1:
             # every rank must hold the same bank: log the largest difference to any other rank
             ids = self.all_gather(self.bank.ids)
@@ -389,7 +430,8 @@ class CIRModule(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, batch: EvalBatch):
-        emb = self.model.encode(batch.text_ids, batch.text_mask, pixels=batch.pixels)
+        side = "query" if batch.kind == "queries" else "target"
+        emb = self.model.encode(batch.text_ids, batch.text_mask, pixels=batch.pixels, side=side)
         self._eval.setdefault(batch.split, {"gallery": [], "queries": []})[batch.kind].append((batch.index, emb.float()))
 
     def validation_step(self, batch: EvalBatch, batch_idx, dataloader_idx=0):

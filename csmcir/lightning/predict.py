@@ -56,7 +56,7 @@ class EmbedModule(LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         self.encoder.device = self.device
-        return {"ids": batch["ids"], "embeddings": self.encoder.encode(batch["images"], batch["texts"])}
+        return {"ids": batch["ids"], "embeddings": self.encoder.encode(batch["images"], batch["texts"], side="target")}
 
 
 class ShardWriter(BasePredictionWriter):

@@ -45,6 +45,16 @@ class CIRDualTower(nn.Module):
         pooled = qcfg.hidden_size * (cfg.qformer.num_query_tokens if cfg.pooling == "concat_query" else 1)
         self.proj = nn.Linear(pooled, cfg.embed_dim)
         self.num_query_tokens = cfg.qformer.num_query_tokens
+        # CIR-LVLM's intent instruction (model.intent): prompt tokens between the queries and the text
+        self.intent = None
+        if cfg.intent is not None:
+            from ..tokenizer import load_tokenizer
+            from .intent import IntentPrompts
+
+            tok = load_tokenizer(cfg.tokenizer)
+            phrases = {"query": cfg.intent.query_phrase, "target": cfg.intent.target_phrase}
+            ids = {side: tok(text, add_special_tokens=False)["input_ids"] for side, text in phrases.items()}
+            self.intent = IntentPrompts(cfg.intent, qcfg.hidden_size, cfg.vision.width, ids)
         # where a frozen pretrained vision tower's weights come from (``model.net.init`` entries,
         # set by build_network); checkpoints store this instead of the tower
         self.vision_source: list[dict] | None = None
@@ -69,12 +79,17 @@ class CIRDualTower(nn.Module):
         attention_mask: torch.Tensor,
         pixels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        side: str | None = None,
+        return_selection: bool = False,
+    ):
         """L2-normalised embedding ``[B, embed_dim]`` of (image, text).
 
         Give either ``pixels`` (``[B, 3, H, W]``, uint8 or float) or precomputed
         ``image_features`` (``[B, N, width]`` from :meth:`encode_image`). ``input_ids`` and
         ``attention_mask`` are ``[B, L]`` with [CLS] first (an empty text is ``[CLS] [SEP]``).
+        ``side`` (``"query"`` or ``"target"``) says which side the input is; only a model with
+        ``intent`` prompts needs it (its task prompt depends on it). ``return_selection``: also
+        return the soft prompts chosen (:class:`~csmcir.models.intent.Selection`, or None).
         """
         if image_features is None:
             if pixels is None:
@@ -85,8 +100,17 @@ class CIRDualTower(nn.Module):
         b = input_ids.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
         x = self.text_embeddings(input_ids=input_ids, query_embeds=queries)
+        n_prompt, selection = 0, None
+        if self.intent is not None:
+            if side is None:
+                raise ValueError("this model has intent prompts: encode() needs side='query' or side='target'")
+            prompts, selection = self.intent(side, self.text_embeddings.word_embeddings, image_features, input_ids, attention_mask)
+            n_prompt = prompts.shape[1]
+            q = self.num_query_tokens
+            x = torch.cat([x[:, :q], prompts.to(x.dtype), x[:, q:]], 1)
         mask = torch.cat(
-            [torch.ones(b, self.num_query_tokens, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1
+            [torch.ones(b, self.num_query_tokens + n_prompt, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask],
+            dim=1,
         )
         out = self.qformer(
             query_embeds=x,
@@ -96,17 +120,18 @@ class CIRDualTower(nn.Module):
             encoder_attention_mask=torch.ones(image_features.shape[:2], dtype=torch.long, device=image_features.device),
         ).last_hidden_state
         if self.cfg.pooling == "cls":
-            pooled = out[:, self.num_query_tokens]
+            pooled = out[:, self.num_query_tokens + n_prompt]
         elif self.cfg.pooling == "mean_query":
             pooled = out[:, : self.num_query_tokens].mean(1)
         else:  # concat_query
             pooled = out[:, : self.num_query_tokens].flatten(1)
-        return F.normalize(self.proj(pooled), dim=-1)
+        emb = F.normalize(self.proj(pooled), dim=-1)
+        return (emb, selection) if return_selection else emb
 
     def encode_query(self, ref_pixels, input_ids, attention_mask) -> torch.Tensor:
         """Query side: reference image + modification text."""
-        return self.encode(input_ids, attention_mask, pixels=ref_pixels)
+        return self.encode(input_ids, attention_mask, pixels=ref_pixels, side="query")
 
     def encode_target(self, target_pixels, input_ids, attention_mask) -> torch.Tensor:
         """Target side: target image + its caption (or an empty text for the image-only ablation)."""
-        return self.encode(input_ids, attention_mask, pixels=target_pixels)
+        return self.encode(input_ids, attention_mask, pixels=target_pixels, side="target")

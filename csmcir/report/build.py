@@ -56,6 +56,13 @@ def build_report(
         groups.setdefault(q["group"] or "all", []).append(q)
     group_metrics = {name: {**recall(qs), "queries": len(qs)} for name, qs in groups.items()} if len(groups) > 1 else {}
     captions = dataset.captions() if encoder.text.target_text != "none" else {}
+    intent = getattr(encoder.model, "intent", None)
+    if intent is not None and intent.cfg.pool_size:  # which soft prompts each query chose (model.intent)
+        for s in range(0, len(queries), 64):
+            part = queries[s : s + 64]
+            chosen = encoder.prompt_choices([dataset.load_image(q["reference"]) for q in part], [q["text"] for q in part])
+            for q, c in zip(part, chosen):
+                q["prompts"] = c
     if teacher:
         from ..teacher import read_reasoning
 

@@ -73,7 +73,8 @@ def write_report(
     """Write the report into ``out``.
 
     ``queries``: ``{"id", "reference", "text", "group", "targets": [...], "hits": [[id, score], ...]}``
-    in display order, optionally ``"reasoning"`` (a teacher's text); ``captions``: ``{image_id: Caption}`` (levels and final) for the hits.
+    in display order, optionally ``"reasoning"`` (a teacher's text) and ``"prompts"`` (the intent
+    pool's soft prompts the query chose); ``captions``: ``{image_id: Caption}`` (levels and final) for the hits.
     """
     from tqdm import tqdm
 
@@ -117,6 +118,7 @@ def write_report(
                 "text": html.escape(q["text"]),
                 "group": q.get("group") or "all",
                 "reasoning": html.escape(q.get("reasoning") or ""),
+                "prompts": [int(i) for i in q.get("prompts") or []],
                 "reference": {"id": q["reference"], "thumb": "thumbs/" + shown[q["reference"]]},
                 "targets": list(q["targets"]),
                 "first_hit": first,
@@ -225,6 +227,7 @@ _JS = r"""(function () {
       row.appendChild(ref);
       q.hits.forEach(function (h) { row.appendChild(card(h)); });
       d.appendChild(row);
+      if (q.prompts.length) d.appendChild(el("div", {"class": "prompts"}, "soft prompts chosen: " + q.prompts.join(", ")));
       if (q.reasoning) d.appendChild(el("details", {"class": "reasoning"}, "<summary>teacher reasoning</summary><div>" + q.reasoning + "</div>"));
       box.appendChild(d);
     });

@@ -77,7 +77,7 @@ class SearchApp:
         )
 
     def results(self, image, text: str) -> str:
-        q = self.encoder.encode([image], [text])
+        q = self.encoder.encode([image], [text], side="query")
         scores, ids = self.index.search(q, self.k)
         words = content_words(text)
         ref = base64.b64encode(thumbnail_bytes(image, 96, "PNG")).decode()

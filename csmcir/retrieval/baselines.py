@@ -23,13 +23,15 @@ from .evaluate import evaluate_embeddings
 
 
 @torch.no_grad()
-def _encode(model, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, device, batch_size: int, desc: str) -> torch.Tensor:
+def _encode(
+    model, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, device, batch_size: int, desc: str, side: str = "query"
+) -> torch.Tensor:
     out = []
     for s in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, mininterval=1.0):
         n = int(lengths[s : s + batch_size].max())
         tok = ids[s : s + batch_size, :n].long().to(device)
         mask = (torch.arange(n)[None, :] < lengths[s : s + batch_size, None]).long().to(device)
-        out.append(model.encode(tok, mask, pixels=pixels[s : s + batch_size].to(device)).float().cpu())
+        out.append(model.encode(tok, mask, pixels=pixels[s : s + batch_size].to(device), side=side).float().cpu())
     return torch.cat(out)
 
 
@@ -37,7 +39,7 @@ def evaluate_baselines(model, store: SplitStore, device="cpu", batch_size: int =
     """Recall@K of the model and of the three shortcut baselines on one split."""
     model.eval().to(device)
     g = store.gallery_rows
-    gallery = _encode(model, store.images[g], store.caption_ids[g], store.caption_lengths[g], device, batch_size, "gallery")
+    gallery = _encode(model, store.images[g], store.caption_ids[g], store.caption_lengths[g], device, batch_size, "gallery", side="target")
     refs = store.images[store.ref_rows]
     q_ids, q_len = store.query_ids, store.query_lengths
     empty_ids = store.caption_ids.new_zeros(len(refs), q_ids.shape[1])

@@ -47,8 +47,10 @@ def embed_pairs(
     partial: str | Path | None = None,
     save_every: int = 20,
     progress: bool = True,
+    side: str | None = None,
 ) -> np.ndarray:
-    """Embed (image, text) pairs; ``[N, D]`` float32. Resumes from ``partial`` if it matches."""
+    """Embed (image, text) pairs; ``[N, D]`` float32. Resumes from ``partial`` if it matches.
+    ``side``: ``"query"`` or ``"target"`` (:meth:`csmcir.inference.Encoder.encode`)."""
     n = len(image_ids)
     out = np.zeros((n, encoder.dim), dtype=np.float32)
     key = _run_key(encoder.checkpoint, image_ids, texts)
@@ -65,10 +67,10 @@ def embed_pairs(
         for b, start in enumerate(range(done, n, batch_size)):
             ids = image_ids[start : start + batch_size]
             if getattr(encoder, "features", None) is not None:  # the fit's cached features, by image id
-                out[start : start + len(ids)] = encoder.encode_ids(ids, texts[start : start + len(ids)], dataset.load_image)
+                out[start : start + len(ids)] = encoder.encode_ids(ids, texts[start : start + len(ids)], dataset.load_image, side=side)
             else:
                 images = list(pool.map(dataset.load_image, ids))
-                out[start : start + len(ids)] = encoder.encode(images, texts[start : start + len(ids)])
+                out[start : start + len(ids)] = encoder.encode(images, texts[start : start + len(ids)], side=side)
             bar.update(len(ids))
             if partial is not None and (b + 1) % save_every == 0:
                 _save_partial(partial, key, out, start + len(ids))

@@ -83,7 +83,9 @@ def embed_gallery(
     run resume (:func:`~csmcir.retrieval.embed.embed_pairs`)."""
     ids = dataset.gallery(split)
     texts = gallery_texts(encoder, dataset, ids, missing_caption=missing_caption)
-    return ids, embed_pairs(encoder, dataset, ids, texts, batch_size, desc=f"embedding {split} gallery", partial=partial, progress=progress)
+    return ids, embed_pairs(
+        encoder, dataset, ids, texts, batch_size, desc=f"embedding {split} gallery", partial=partial, progress=progress, side="target"
+    )
 
 
 def embed_queries(
@@ -91,7 +93,14 @@ def embed_queries(
 ) -> np.ndarray:
     """``[Q, D]`` float32 embeddings of (reference image, modification text) of ``triplets``."""
     return embed_pairs(
-        encoder, dataset, [t.reference for t in triplets], [t.text for t in triplets], batch_size, desc=desc, progress=progress
+        encoder,
+        dataset,
+        [t.reference for t in triplets],
+        [t.text for t in triplets],
+        batch_size,
+        desc=desc,
+        progress=progress,
+        side="query",
     )
 
 
@@ -290,7 +299,7 @@ def search(encoder, index, image, text: str, k: int = 10, captions: dict | None 
     if index.dim != encoder.dim:
         raise CsmcirError(f"the index holds {index.dim}-d embeddings but the checkpoint makes {encoder.dim}-d ones")
     exclude = set(exclude_ids)
-    scores, ids = index.search(encoder.encode([image], [text]), k + len(exclude))
+    scores, ids = index.search(encoder.encode([image], [text], side="query"), k + len(exclude))
     captions = captions or {}
     kept = [(i, s) for i, s in zip(ids[0], scores[0]) if i not in exclude][:k]
     return [
