@@ -208,7 +208,7 @@ def test_the_grid_adapter_is_optional_sized_from_the_grid_and_trains():
     assert [grid_side(224, "mbconv7"), grid_side(112, "mbconv7"), grid_side(112, "mbconv5"), grid_side(224, "head")] == [7, 4, 7, 7]
     cfg = get_model_config("lite0_small", {"vision": {"grid_adapter": True}})
     model = CIRDualTower(cfg)
-    assert model.grid_adapter.pos.shape == (1, 16, 320)
+    assert model.grid_adapter.pos.shape == (1, 49, 112)  # lite0_small: the 7x7 mbconv5 grid at 112 px
     model.vision.requires_grad_(False)
     ids = torch.tensor([[101, 102]])
     out = model.encode(ids, torch.ones_like(ids), pixels=torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8))

@@ -115,6 +115,8 @@ VARIANTS["lite0_small_e7_q16"] = [
 # the finer grid's combinations (issue 23)
 _M5 = json.dumps({"vision": {**json.loads(_LITE0)["vision"], "width": 112, "feature_stage": "mbconv5"}})
 VARIANTS["m5_e7_hardneg"] = VARIANTS["lite0_small_e7_mbconv5"] + ["--data.hard_negatives", "1"]
+# lite0_small_e7_mbconv5 = the README default since 2026-12-01 (lite0_small at mbconv5); its asymmetric ablation
+VARIANTS["lite0_small_e7_mbconv5_asymmetric"] = VARIANTS["lite0_small_e7_mbconv5"] + ["--data.target_text", "none"]
 VARIANTS["m5_e7_concat"] = [
     "--model.net.overrides",
     json.dumps({**json.loads(_M5), "pooling": "concat_query"}),
@@ -132,6 +134,12 @@ VARIANTS["m5_e7_q16"] = [
 # a hypercolumn: the mbconv7 grid (abstract, 320 channels) upsampled onto the mbconv5 grid (detail, 112 channels)
 _M57 = json.dumps({"vision": {**json.loads(_LITE0)["vision"], "width": 432, "feature_stage": "mbconv5+mbconv7"}})
 VARIANTS["m57_e7"] = ["--model.net.overrides", _M57, *_LITE0_INIT, "--trainer.max_epochs", "7"]
+# issue 26 on the README default (lite0_small, mbconv5 since 2026-12-01), its cache shared with the runs above:
+# none (= "default") / CIR-LVLM's task prompt only / task prompt + a pool of 8 soft prompts of 4 tokens, top 1
+_CACHED = ["--model.feature_cache", "cache/pretrained"]
+VARIANTS["default"] = [*_CACHED]
+VARIANTS["intent_task"] = [*_CACHED, "--model.intent", '{"task_prompt": true}']
+VARIANTS["intent_pool"] = [*_CACHED, "--model.intent", '{"task_prompt": true, "pool_size": 8, "prompt_length": 4, "top_k": 1}']
 # the README's 15-minute budget: 12 epochs (1404 steps) with a cold cache
 VARIANTS["lite0_small_e12"] = VARIANTS["lite0_small"] + ["--trainer.max_epochs", "12"]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
