@@ -9,7 +9,7 @@ unchanged. Nothing iterates over a set or dict whose order could vary between ru
 Atomicity: everything is written into a hidden temporary folder beside ``out_dir``
 (``.<name>.partial-XXXX``) that is renamed onto ``out_dir`` at the end, ``benchmark.json`` last. A
 killed run leaves only that hidden folder (safe to delete), never a half benchmark that looks
-complete: ``benchmark.json`` exists only in a complete benchmark.
+complete: ``benchmark.json`` exists only in a complete benchmark (:mod:`csmcir.data.generated`).
 
 Image ids are assigned after a random permutation of each split's images, so a query's reference,
 targets and distractors do not sit next to each other in id order and ids leak nothing.
@@ -21,16 +21,15 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import CsmcirError
-from ...io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from ...io import atomic_write_json, atomic_write_text
 from ..custom import Caption, Triplet, write_captions, write_gallery, write_triplets
+from ..generated import build_atomically, holds_matching, read_info, verify
 from .captioner import caption_scene
 from .edits import Query, apply, free_variant_values, mod_clause, mod_meta, sample_distractors, sample_query
 from .language import join_clauses
@@ -219,65 +218,17 @@ def _expected_header(seed: int, params: SynthParams) -> dict:
     }
 
 
-def _read_info(path: Path) -> dict:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CsmcirError(f"{path}: not a readable benchmark.json ({e})") from None
-    if not isinstance(info, dict):
-        raise CsmcirError(f"{path}: not a benchmark.json (expected a JSON object)")
-    return info
+WHAT = "synthetic benchmark"
+
+
+def _asked(seed: int, params: SynthParams) -> str:
+    return f"seed={seed}, difficulty={params.name!r}, generator_version={GENERATOR_VERSION!r}"
 
 
 def _holds_matching(out: Path, seed: int, params: SynthParams) -> dict | None:
     """The benchmark.json of a complete matching benchmark in ``out``; ``None`` if ``out`` is
     missing or empty; a :class:`CsmcirError` if it holds anything else."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise CsmcirError(f"{out} exists and is not a folder")
-    marker = out / "benchmark.json"
-    if not marker.is_file():
-        if any(out.iterdir()):
-            raise CsmcirError(
-                f"{out} is not empty and holds no complete synthetic benchmark (no benchmark.json): "
-                "write the synthetic benchmark to another folder"
-            )
-        return None
-    info = _read_info(marker)
-    expected = _expected_header(seed, params)
-    differ = [key for key, value in expected.items() if info.get(key) != value]
-    if differ:
-        found = ", ".join(f"{k}={info.get(k)!r}" for k in differ if k != "params")
-        if "params" in differ:
-            found = (found + ", " if found else "") + "other parameters"
-        raise CsmcirError(
-            f"{out} holds a different synthetic benchmark ({found}; asked seed={seed}, "
-            f"difficulty={params.name!r}, generator_version={GENERATOR_VERSION!r}); "
-            "delete it or choose another folder"
-        )
-    return info
-
-
-def _publish(tmp: Path, out: Path, seed: int, params: SynthParams) -> None:
-    """Move the finished ``tmp`` folder onto ``out``.
-
-    ``rename`` is atomic and works when ``out`` is missing or an empty folder. Where it cannot be
-    used (``out`` is a mount point, say) and ``out`` is empty, the contents are moved in one by
-    one, benchmark.json last. If another run finished the same benchmark first, that one is kept.
-    """
-    try:
-        os.rename(tmp, out)
-        return
-    except OSError as e:
-        error = e
-    if out.is_dir() and not any(out.iterdir()):
-        for child in sorted(tmp.iterdir(), key=lambda p: p.name == "benchmark.json"):
-            shutil.move(str(child), str(out / child.name))
-        tmp.rmdir()
-        return
-    if _holds_matching(out, seed, params) is None:  # raises if ``out`` holds anything else
-        raise CsmcirError(f"cannot move the generated benchmark to {out}: {error.strerror}")
+    return holds_matching(out, _expected_header(seed, params), WHAT, _asked(seed, params))
 
 
 def _write_benchmark(tmp: Path, seed: int, params: SynthParams, workers: int, progress: bool) -> None:
@@ -322,47 +273,10 @@ def generate(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise CsmcirError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out_dir)
-    if _holds_matching(out, seed, params) is not None:
-        return out
-    parent = ensure_writable_dir(out.parent if str(out.parent) else ".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    try:
-        _write_benchmark(tmp, seed, params, max(1, int(workers)), progress)
-        _publish(tmp, out, seed, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    except FileNotFoundError:
-        raise CsmcirError(f"{path} is missing; delete {path.parent} to regenerate it") from None
-
-
-def _verify(root: Path, info: dict) -> None:
-    """Cheap completeness checks of an existing benchmark against its benchmark.json."""
-
-    def check(path: Path, found: int, expected: object) -> None:
-        if found != expected:
-            raise CsmcirError(f"{path} has {found} entries but {root / 'benchmark.json'} says {expected}; delete {root} to regenerate it")
-
-    splits = info.get("splits")
-    if not isinstance(splits, dict):
-        raise CsmcirError(f"{root / 'benchmark.json'}: no 'splits' entry")
-    for split, counts in splits.items():
-        files = ((f"triplets.{split}.jsonl", "queries"), (f"gallery.{split}.txt", "gallery"))
-        for name, key in files:
-            path = root / name
-            check(path, _count_lines(path), counts.get(key) if isinstance(counts, dict) else None)
-    images = root / "images"
-    n_images = sum(1 for _ in os.scandir(images)) if images.is_dir() else 0
-    check(images, n_images, info.get("images"))
-    for name in ("captions.jsonl", "scenes.jsonl"):
-        check(root / name, _count_lines(root / name), info.get("images"))
+    expected = _expected_header(seed, params)
+    return build_atomically(
+        out, expected, WHAT, _asked(seed, params), lambda tmp: _write_benchmark(tmp, seed, params, max(1, int(workers)), progress)
+    )
 
 
 def ensure_benchmark(
@@ -379,7 +293,7 @@ def ensure_benchmark(
     root = Path(root)
     info = _holds_matching(root, seed, params)
     if info is not None:
-        _verify(root, info)
+        verify(root, info, ("captions.jsonl", "scenes.jsonl"))
         return root
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
@@ -391,7 +305,7 @@ def benchmark_params(root: str | Path) -> SynthParams:
     path = Path(root) / "benchmark.json"
     if not path.is_file():
         raise CsmcirError(f"{path} not found (only synthetic benchmarks have one)")
-    info = _read_info(path)
+    info = read_info(path)
     name = info.get("difficulty")
     return DIFFICULTIES[name] if name in DIFFICULTIES else SynthParams(**info["params"])
 
