@@ -46,6 +46,24 @@ def test_cache_round_trip_equals_on_the_fly_features(tmp_path):
     assert torch.equal(again, feats)
 
 
+def test_another_data_set_with_the_same_ids_never_reads_these_features(tmp_path):
+    # two seeds of a generated benchmark can give a split the very same id list; the pixels differ
+    from csmcir.data.feature_cache import pixel_digest
+
+    model, pixels, ids, cache, shape = _setup(tmp_path)
+    other = torch.flip(pixels, dims=[-1])
+    assert pixel_digest(other) != pixel_digest(pixels) and pixel_digest(pixels) == pixel_digest(pixels.clone())
+    first = cache.features("train", ids, shape, lambda rows: pixels[rows], model.encode_image, progress=False, content=pixel_digest(pixels))
+    encoded = []
+    second = cache.features(
+        "train", ids, shape, lambda rows: other[rows], lambda px: encoded.append(len(px)) or model.encode_image(px), progress=False,
+        content=pixel_digest(other),
+    )  # fmt: skip
+    assert sum(encoded) == 10 and not torch.allclose(first.float(), second.float())
+    with torch.no_grad():
+        assert torch.allclose(second.float(), model.encode_image(other), atol=2e-3, rtol=2e-3)
+
+
 def test_cache_resumes_after_a_kill_and_encodes_each_image_once(tmp_path):
     model, pixels, ids, cache, shape = _setup(tmp_path)
     seen: list[int] = []

@@ -179,7 +179,7 @@ class CIRDataModule(L.LightningDataModule):
         is not cached yet. Under DDP rank 0 writes and the other ranks read after ``barrier()``."""
         import torch
 
-        from .feature_cache import CACHE_BATCH_SIZE
+        from .feature_cache import CACHE_BATCH_SIZE, pixel_digest
 
         for split, store in self.stores.items():
             if store.images.dim() != 4:  # features already
@@ -193,6 +193,7 @@ class CIRDataModule(L.LightningDataModule):
                 load=lambda rows, s=store: s.images[rows].to(device),
                 encode=encode,
                 batch_size=max(1, batch_size or CACHE_BATCH_SIZE),
+                content=pixel_digest(store.images),
             )
             if is_global_zero:
                 feats = cache.features(**kw)

@@ -8,12 +8,14 @@ everything after it are unchanged (``CIRDualTower.encode_image`` passes features
 Layout, keyed by tower and image id::
 
     <folder>/<tower key>/tower.json                      vision config + weights digest
-    <folder>/<tower key>/<split>-<ids digest>.f16        float16 [N, tokens, width], row i = image ids[i]
-    <folder>/<tower key>/<split>-<ids digest>.ids.txt    the image ids, one a line
-    <folder>/<tower key>/<split>-<ids digest>.done.npy   bool [N]: rows written
+    <folder>/<tower key>/<split>-<digest>.f16        float16 [N, tokens, width], row i = image ids[i]
+    <folder>/<tower key>/<split>-<digest>.ids.txt    the image ids, one a line
+    <folder>/<tower key>/<split>-<digest>.done.npy   bool [N]: rows written
 
 The tower key is a digest of the vision config and its weights, so another tower (or the same
-tower with other weights) never reads these features. Rows are flushed and ``done`` rewritten
+tower with other weights) never reads these features. The file digest covers the image ids and,
+when the caller passes one, a digest of the pixels (:func:`pixel_digest`): two data sets whose
+splits happen to use the same ids (two seeds of a generated benchmark, say) never share rows. Rows are flushed and ``done`` rewritten
 (atomically) after every batch: a killed run resumes with the rows it has not written.
 """
 
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import CsmcirError
 from ..io import ensure_writable_dir
 
-__all__ = ["tower_key", "CachedFeatures", "FeatureCache", "CACHE_BATCH_SIZE", "AUTO_FOLDER", "resolve_cache_folder"]
+__all__ = ["tower_key", "pixel_digest", "CachedFeatures", "FeatureCache", "CACHE_BATCH_SIZE", "AUTO_FOLDER", "resolve_cache_folder"]
 
 # images a batch when filling the cache: on the 2-core CPU EfficientNet-Lite0 at 112 px encodes
 # 117 images/s in batches of 64 and 55 in batches of 256 (the working set outgrows the CPU caches;
@@ -79,8 +81,11 @@ class FeatureCache:
             tmp.write_text(json.dumps(info, indent=1, default=str) + "\n")
             os.replace(tmp, meta)
 
-    def _paths(self, split: str, ids: list[str]) -> tuple[Path, Path, Path]:
-        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    def _paths(self, split: str, ids: list[str], content: str | None = None) -> tuple[Path, Path, Path]:
+        h = hashlib.sha256("\n".join(ids).encode())
+        if content is not None:
+            h.update(b"\0" + content.encode())
+        digest = h.hexdigest()[:12]
         stem = self.dir / f"{split}-{digest}"
         return Path(f"{stem}.f16"), Path(f"{stem}.ids.txt"), Path(f"{stem}.done.npy")
 
@@ -94,13 +99,16 @@ class FeatureCache:
         batch_size: int = CACHE_BATCH_SIZE,
         progress: bool = True,
         write: bool = True,
+        content: str | None = None,
     ) -> torch.Tensor:
         """``[len(ids), tokens, width]`` float16 features, memory-mapped, computing missing rows.
 
         ``load(rows)`` gives the pixels of those rows; ``encode(pixels)`` the tower's features.
         ``write=False`` only opens a complete cache (other DDP ranks, after rank 0 wrote it).
+        ``content`` (e.g. :func:`pixel_digest` of the pixels) keys the rows to the images, not
+        only to their ids.
         """
-        data, id_file, done_file = self._paths(split, ids)
+        data, id_file, done_file = self._paths(split, ids, content)
         n, (tokens, width) = len(ids), shape
         if not id_file.is_file():
             tmp = id_file.with_suffix(f".{os.getpid()}.tmp")
@@ -144,6 +152,18 @@ class FeatureCache:
                 bar.update(len(rows))
         del mm
         return _open(data, n, tokens, width)
+
+
+def pixel_digest(images: torch.Tensor) -> str:
+    """SHA-256 (16 hex digits) of a uint8 pixel tensor's bytes: what the cached features are of.
+
+    About a second per 2 GB of pixels (the synthetic default's splits); it keeps another data set
+    with the same image ids from reading this one's features.
+    """
+    t = images.detach().to("cpu").contiguous()
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(memoryview(t.view(torch.uint8).numpy().reshape(-1)) if t.dtype == torch.uint8 else t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _open(data: Path, n: int, tokens: int, width: int) -> torch.Tensor:
