@@ -34,12 +34,18 @@ def _encoder(a):
 
 # -- synth --------------------------------------------------------------------------------------
 def cmd_synth(a) -> None:
-    from .data.synthetic import generate
+    if a.source == "fashion":
+        from .data.boards import generate as generate_boards
 
-    out = generate(a.out, seed=a.seed, difficulty=a.difficulty, workers=a.workers, progress=not a.quiet)
+        out = generate_boards(a.out, seed=a.seed, difficulty=a.difficulty, photos=a.photos, progress=not a.quiet)
+    else:
+        from .data.synthetic import generate
+
+        out = generate(a.out, seed=a.seed, difficulty=a.difficulty, workers=a.workers, progress=not a.quiet)
     info = json.loads((Path(out) / "benchmark.json").read_text())
     counts = ", ".join(f"{s}: {v['queries']} queries / {v['gallery']} gallery" for s, v in info["splits"].items())
-    print(f"synthetic benchmark (seed {a.seed}, {a.difficulty}) in {out}: {counts}")
+    kind = "Fashion-MNIST board benchmark" if a.source == "fashion" else "synthetic benchmark"
+    print(f"{kind} (seed {a.seed}, {a.difficulty}) in {out}: {counts}")
 
 
 # -- index / embed / search / rank ---------------------------------------------------------------
@@ -437,11 +443,30 @@ def build_parser() -> argparse.ArgumentParser:
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name} (see `csmcir {name} --help`)", add_help=False)
 
-    s = sub.add_parser("synth", help="write the seeded synthetic CIR benchmark in the custom format")
+    s = sub.add_parser(
+        "synth",
+        help="write a seeded generated CIR benchmark in the custom format: rendered shapes, or boards of real Fashion-MNIST photos",
+    )
     s.add_argument("--out", required=True, help="output folder (created; must be empty or hold the same benchmark)")
+    s.add_argument(
+        "--source",
+        default="shapes",
+        choices=["shapes", "fashion"],
+        help="shapes (default): rendered shapes on a 3x3 grid; fashion: product boards of real Fashion-MNIST photos "
+        "(Debian's dataset-fashion-mnist), train boards from its training photos, test boards from its test photos",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--difficulty", default="standard", choices=["easy", "standard", "medium", "hard"], help="default: standard")
-    s.add_argument("--workers", type=int, default=2, help="rendering processes (default 2); output is identical for any value")
+    s.add_argument(
+        "--difficulty",
+        default="standard",
+        choices=["easy", "standard", "medium", "hard"],
+        help="default: standard (fashion: easy or standard)",
+    )
+    s.add_argument("--workers", type=int, default=2, help="shapes: rendering processes (default 2); output is identical for any value")
+    s.add_argument(
+        "--photos",
+        help="fashion: folder of Fashion-MNIST's four idx .gz files (default $CSMCIR_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 

@@ -15,6 +15,9 @@ from .datasets import EvalCollate, EvalQueries, GalleryImages, TrainTriplets, co
 from .registry import dataset_info, dataset_names, open_dataset
 from .store import SplitStore
 
+SYNTH_SOURCES = ("shapes", "fashion")
+"""Generated benchmarks ``data.synth_source`` can name."""
+
 
 class CIRDataModule(L.LightningDataModule):
     """Custom-format CIR data: ``root/images``, ``gallery.<split>.txt``, ``triplets.<split>.jsonl``,
@@ -37,10 +40,14 @@ class CIRDataModule(L.LightningDataModule):
             ``<category>/<n>``, one gallery for training, each category scored in its own).
         captions: target-side caption file (``captions.jsonl`` format, e.g. a ``csmcir caption``
             store); default ``root/captions.jsonl``.
-        synthetic: if ``root`` is missing or empty, generate the synthetic benchmark there first
-            (with ``synth_seed`` and ``synth_difficulty``). Set ``false`` for your own data.
+        synthetic: if ``root`` is missing or empty, generate a benchmark there first (with
+            ``synth_source``, ``synth_seed`` and ``synth_difficulty``). Set ``false`` for your own data.
+        synth_source: ``shapes`` (the rendered-shapes benchmark, csmcir.data.synthetic) or
+            ``fashion`` (boards of real Fashion-MNIST photos, csmcir.data.boards; needs Debian's
+            dataset-fashion-mnist or ``$CSMCIR_FASHION_MNIST``).
         synth_seed: seed of the generated benchmark.
-        synth_difficulty: ``easy`` (smoke tests), ``standard`` (the default), ``hard``.
+        synth_difficulty: shapes: ``easy`` (smoke tests), ``standard`` (the default), ``medium``,
+            ``hard``; fashion: ``easy``, ``standard``.
         train_split, val_split: split names; ``test_splits``: every split ``csmcir test`` scores
             (the synthetic benchmark's ``heldout`` split holds unseen modification x value pairs).
         target_text: ``caption`` (symmetric: target = image + its MCoT caption) or ``none``
@@ -75,6 +82,7 @@ class CIRDataModule(L.LightningDataModule):
         category: str | None = None,
         captions: str | None = None,
         synthetic: bool = True,
+        synth_source: str = "shapes",
         synth_seed: int = 0,
         synth_difficulty: str = "standard",
         train_split: str = "train",
@@ -102,6 +110,8 @@ class CIRDataModule(L.LightningDataModule):
             raise CsmcirError(f"data.dataset must be one of {', '.join(trainable)}, got {dataset!r} (CIRCO is evaluation only)")
         if dataset_info(dataset).layout != "custom" and synthetic:
             raise CsmcirError(f"data.dataset={dataset} reads a real benchmark: set data.synthetic=false")
+        if synth_source not in SYNTH_SOURCES:
+            raise CsmcirError(f"data.synth_source must be one of {', '.join(SYNTH_SOURCES)}, got {synth_source!r}")
         self.text_config = TextConfig(
             tokenizer=tokenizer,
             max_text_len=max_text_len,
@@ -118,8 +128,6 @@ class CIRDataModule(L.LightningDataModule):
         root = Path(self.hparams.root)
         empty = not root.exists() or not any(root.iterdir())
         if self.hparams.synthetic:
-            from .synthetic import ensure_benchmark
-
             own = sorted(root.glob("triplets.*.jsonl")) if root.is_dir() and not (root / "benchmark.json").exists() else []
             if own:  # the user's own data under the synthetic default's settings
                 raise CsmcirError(
@@ -127,7 +135,15 @@ class CIRDataModule(L.LightningDataModule):
                     "benchmark: add --data.synthetic false to train on it"
                 )
 
-            ensure_benchmark(root, seed=self.hparams.synth_seed, difficulty=self.hparams.synth_difficulty, workers=os.cpu_count() or 1)
+            h = self.hparams
+            if h.synth_source == "fashion":
+                from .boards import ensure_benchmark as ensure_boards
+
+                ensure_boards(root, seed=h.synth_seed, difficulty=h.synth_difficulty)
+            else:
+                from .synthetic import ensure_benchmark
+
+                ensure_benchmark(root, seed=h.synth_seed, difficulty=h.synth_difficulty, workers=os.cpu_count() or 1)
         elif empty:
             raise CsmcirError(f"data.root {root} is missing or empty (set data.synthetic=true to generate the synthetic benchmark)")
 
