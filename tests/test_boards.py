@@ -198,3 +198,29 @@ def test_a_fit_through_the_cli_generates_and_trains_on_the_boards(tmp_path):
     ]
     assert main(args) == 0
     assert json.loads((root / "benchmark.json").read_text())["name"] == "csmcir-fashion-boards"
+
+
+def test_error_analysis_says_which_distractor_kind_took_first_place(boards, tmp_path):
+    import subprocess
+    import sys
+
+    triplets = read_triplets(boards / "triplets.test.jsonl")
+    # an oracle ranking, except that every swap query puts its first distractor first
+    rankings = {}
+    fooled = {}
+    for t in triplets:
+        if t.meta["type"] == "swap":
+            image_id, kind = t.meta["distractors"][0]
+            rankings[t.id] = [image_id, *t.targets]
+            fooled[kind] = fooled.get(kind, 0) + 1
+        else:
+            rankings[t.id] = list(t.targets)
+    (tmp_path / "rank.json").write_text(json.dumps(rankings))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "error_analysis.py"
+    cmd = [sys.executable, str(tool), "--root", str(boards), "--split", "test", "--rank", str(tmp_path / "rank.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    table = out.split("first place of the failed queries")[1].splitlines()
+    kinds = table[1].split()[1:]
+    swap = dict(zip(kinds, map(int, next(line for line in table if line.startswith("swap")).split()[1:])))
+    assert {k: v for k, v in swap.items() if v} == fooled
+    assert "replace" not in "\n".join(table)  # queries ranked right are not failures

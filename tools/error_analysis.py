@@ -8,9 +8,12 @@ and the top hits of failed queries of one type.
         --type remove --examples 8
 
 Types come from each triplet's ``meta.type`` ("all" without one). Examples show each image's
-final caption, or its scene when the dataset has ``scenes.jsonl`` (the synthetic benchmark), so
-a caption's omissions do not hide what the image holds. A correct target ranked below the
-rankings' depth counts as rank = depth.
+final caption, or its ground truth when the dataset has one (``scenes.jsonl`` of the synthetic
+benchmark, ``boards.jsonl`` of the Fashion-MNIST boards), so a caption's omissions do not hide
+what the image holds. A correct target ranked below the rankings' depth counts as rank = depth.
+Where triplets list their hard distractors with kinds (``meta.distractors``, the boards), a
+second table says what took the first place of each failed query: which distractor kind, the
+reference, or another gallery image.
 """
 
 from __future__ import annotations
@@ -39,7 +42,28 @@ def first_correct_ranks(rankings: dict[str, list[str]], triplets) -> dict[str, l
     return out
 
 
+def first_place_of_failures(rankings: dict[str, list[str]], triplets) -> dict[str, dict[str, int]]:
+    """Per type, what the top hit of each failed query was: a listed distractor's kind
+    (``meta.distractors``), ``reference``, or ``elsewhere`` (another gallery image)."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for t in triplets:
+        ranked = rankings.get(t.id) or []
+        if not ranked or ranked[0] in t.targets:
+            continue
+        kinds = {image_id: kind for image_id, kind in t.meta.get("distractors", [])}
+        top = ranked[0]
+        out[str(t.meta.get("type", "all"))][kinds.get(top, "reference" if top == t.reference else "elsewhere")] += 1
+    return out
+
+
 def _describer(root: Path, ds: CustomCIR):
+    boards_file = root / "boards.jsonl"
+    if boards_file.is_file():
+        boards = {}
+        for line in boards_file.open():
+            d = json.loads(line)
+            boards[d["image_id"]] = "; ".join(f"{a['tint']} {a['class']} #{a['photo']} @{a['cell']}" for a in d["articles"])
+        return lambda i: boards.get(i, "?")
     scenes_file = root / "scenes.jsonl"
     if scenes_file.is_file():
         scenes = {}
@@ -75,6 +99,13 @@ def main(argv=None) -> None:
         r1 = 100 * sum(x < 1 for x in r) / len(r)
         r10 = 100 * sum(x < 10 for x in r) / len(r)
         print(f"{typ:10s} {len(r):5d} {r1:6.1f} {r10:6.1f} {statistics.median(r) + 1:12.0f}")
+    if any(t.meta.get("distractors") for t in triplets):
+        firsts = first_place_of_failures(rankings, triplets)
+        kinds = sorted({k for v in firsts.values() for k in v})
+        print("\nfirst place of the failed queries (R@1 misses), by what it was:")
+        print(f"{'type':10s} " + " ".join(f"{k:>13s}" for k in kinds))
+        for typ in sorted(firsts):
+            print(f"{typ:10s} " + " ".join(f"{firsts[typ].get(k, 0):13d}" for k in kinds))
     if not a.type:
         return
     describe = _describer(root, ds)
