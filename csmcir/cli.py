@@ -444,8 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"LightningCLI {name} (see `csmcir {name} --help`)", add_help=False)
 
     s = sub.add_parser(
-        "synth",
-        help="write a seeded generated CIR benchmark in the custom format: rendered shapes, or boards of real Fashion-MNIST photos",
+        "synth", help="write a seeded generated CIR benchmark in the custom format: rendered shapes, or boards of real Fashion-MNIST photos"
     )
     s.add_argument("--out", required=True, help="output folder (created; must be empty or hold the same benchmark)")
     s.add_argument(
