@@ -4,7 +4,8 @@ The public Python API (each name is imported on first use, so ``import csmcir`` 
 
 * models: :func:`create_model`, :func:`build_network`, :class:`NetworkSpec`, :class:`ModelConfig`,
   :class:`TextConfig`, :class:`CIRDualTower`
-* data: :func:`open_dataset`, :data:`DATASETS`, :class:`CIRDataModule`, :func:`generate_synthetic`
+* data: :func:`open_dataset`, :data:`DATASETS`, :class:`CIRDataModule`, :func:`generate_synthetic`,
+  :func:`generate_fashion_boards` (real Fashion-MNIST photos)
 * training: :class:`CIRModule` (Lightning; the network injected)
 * inference: :class:`Encoder` (a checkpoint's tower + text settings), :func:`convert_checkpoint`
   (format 1 -> 2), :func:`rank_split`,
@@ -53,7 +54,7 @@ _EXPORTS = {
     "CsmcirError": "csmcir.errors",
 }
 
-__all__ = ["__version__", "generate_synthetic", *_EXPORTS]
+__all__ = ["__version__", "generate_synthetic", "generate_fashion_boards", *_EXPORTS]
 
 
 def __getattr__(name: str):
@@ -61,6 +62,10 @@ def __getattr__(name: str):
         from .data.synthetic import generate
 
         return generate
+    if name == "generate_fashion_boards":
+        from .data.boards import generate as generate_boards
+
+        return generate_boards
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'csmcir' has no attribute {name!r}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import CsmcirError
+from ..synthetic.edits import _weighted
 from .photos import CLASSES
 
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -314,16 +315,6 @@ class PhotoPool:
         if pattern.cell is None:
             return pattern.kept
         return make_board([*pattern.kept, self.article(rng, pattern.cell, pattern.label, pattern.tint)])
-
-
-def _weighted(rng: np.random.Generator, pairs: Sequence[tuple[str, float]]) -> str:
-    total = sum(w for _, w in pairs)
-    u = rng.random() * total
-    for name, w in pairs:
-        u -= w
-        if u < 0:
-            return name
-    return pairs[-1][0]
 
 
 def sample_edit(
