@@ -36,10 +36,12 @@ from ..io import ensure_writable_dir
 
 __all__ = ["tower_key", "pixel_digest", "CachedFeatures", "FeatureCache", "CACHE_BATCH_SIZE", "AUTO_FOLDER", "resolve_cache_folder"]
 
-# images a batch when filling the cache: on the 2-core CPU EfficientNet-Lite0 at 112 px encodes
-# 117 images/s in batches of 64 and 55 in batches of 256 (the working set outgrows the CPU caches;
-# docs/efficientnet.md), so the fill does not use the evaluation batch size
-CACHE_BATCH_SIZE = 64
+# images a batch when filling the cache: on the 2-core CPU the frozen EfficientNet-Lite0 (112 px,
+# mbconv5, folded BatchNorm) fills 306-344 images/s in batches of 16, 236-355 in 32 and 177-253 in
+# 64 over three timings (the working set outgrows the CPU caches; docs/efficientnet.md,
+# tools/bench_lite0_encode.py): 16 is the fastest and the steadiest, so the fill does not use the
+# evaluation batch size
+CACHE_BATCH_SIZE = 16
 
 
 # model.feature_cache "auto": this folder when the vision tower is frozen, no cache when it trains
