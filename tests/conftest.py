@@ -48,6 +48,10 @@ def fit_args(root, out, *extra: str) -> list[str]:
         "false",
         "--trainer.log_every_n_steps",
         "2",
+        # "auto" would write cache/features into the working directory (the repo root) whenever a
+        # test freezes the tower; a test of the cache names its own folder in `extra`
+        "--model.feature_cache",
+        "null",
         *extra,
     ]
 

@@ -211,7 +211,7 @@ def test_the_grid_adapter_is_optional_sized_from_the_grid_and_trains():
     assert model.grid_adapter.pos.shape == (1, 49, 112)  # lite0_small: the 7x7 mbconv5 grid at 112 px
     model.vision.requires_grad_(False)
     ids = torch.tensor([[101, 102]])
-    out = model.encode(ids, torch.ones_like(ids), pixels=torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8))
+    out = model.encode(ids, torch.ones_like(ids), pixels=torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8), side="query")
     out.sum().backward()
     assert model.grid_adapter.pos.grad is not None and model.grid_adapter.pos.grad.abs().sum() > 0
     assert CIRDualTower(get_model_config("lite0_small")).grid_adapter is None  # off by default
