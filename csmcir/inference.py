@@ -153,10 +153,22 @@ class Encoder:
         miss = [k for k, c in enumerate(cached) if not c]
         if miss:
             with self._autocast():
-                feats[miss] = self.model.encode_image(self._pixels([load_image(image_ids[k]) for k in miss])).to(feats.dtype)
+                feats[miss] = self._image_features(self._pixels([load_image(image_ids[k]) for k in miss])).to(feats.dtype)
         ids, mask = self.tokenize(texts)
         with self._autocast():
             return self.model.encode(ids, mask, image_features=feats, side=side).float().cpu().numpy()
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision tower's features of ``pixels``, through its inference copy (folded BatchNorm,
+        channels-last for EfficientNet-Lite0) in chunks of the feature cache's fill batch: on the
+        2-core CPU the Lite0 tower encodes 49 images/s in one batch of 256 and over 300 this way
+        (docs/efficientnet.md); the same features up to float rounding."""
+        from .data.feature_cache import CACHE_BATCH_SIZE
+
+        if getattr(self, "_fast_vision", None) is None:
+            self._fast_vision = self.model.vision.inference_copy().eval()
+        chunks = [self._fast_vision(pixels[s : s + CACHE_BATCH_SIZE]) for s in range(0, len(pixels), CACHE_BATCH_SIZE)]
+        return torch.cat(chunks).to(self.model.proj.weight.dtype)
 
     def _feature_shape(self) -> tuple[int, int]:
         if getattr(self, "_shape", None) is None:
@@ -188,7 +200,8 @@ class Encoder:
         pixels = self._pixels(images)
         ids, mask = self.tokenize(texts)
         with self._autocast():
-            _, sel = self.model.encode(ids, mask, pixels=pixels, side=side, return_selection=True)
+            feats = self._image_features(pixels)
+            _, sel = self.model.encode(ids, mask, image_features=feats, side=side, return_selection=True)
         return [[] for _ in texts] if sel is None else sel.index.cpu().tolist()
 
     @torch.no_grad()
@@ -199,7 +212,8 @@ class Encoder:
         pixels = self._pixels(images)
         ids, mask = self.tokenize(texts)
         with self._autocast():
-            return self.model.encode(ids, mask, pixels=pixels, side=side).float().cpu().numpy()
+            feats = self._image_features(pixels)
+            return self.model.encode(ids, mask, image_features=feats, side=side).float().cpu().numpy()
 
 
 _NET_KEYS = {
