@@ -137,8 +137,13 @@ VARIANTS["m57_e7"] = ["--model.net.overrides", _M57, *_LITE0_INIT, "--trainer.ma
 # issue 26 on the README default (lite0_small, mbconv5 since 2026-12-01), its cache shared with the runs above:
 # none (= "default") / CIR-LVLM's task prompt only / task prompt + a pool of 8 soft prompts of 4 tokens, top 1
 _CACHED = ["--model.feature_cache", "cache/pretrained"]
+# (since 2026-12-02 the README default has the task prompt, csmcir/model_configs/lite0_small.json; the runs named
+# "default" before then are "intent_none")
 VARIANTS["default"] = [*_CACHED]
+VARIANTS["intent_none"] = [*_CACHED, "--model.net.overrides", '{"intent": null}']
 VARIANTS["intent_task"] = [*_CACHED, "--model.intent", '{"task_prompt": true}']
+# issue 23's asymmetric ablation on the final default (the task prompt): target = image only
+VARIANTS["intent_task_asymmetric"] = [*VARIANTS["intent_task"], "--data.target_text", "none"]
 VARIANTS["intent_pool"] = [*_CACHED, "--model.intent", '{"task_prompt": true, "pool_size": 8, "prompt_length": 4, "top_k": 1}']
 # issue 26's small sweep of the soft-prompt length L and the pool size N (seed 0)
 VARIANTS["intent_pool_L8"] = [*_CACHED, "--model.intent", '{"task_prompt": true, "pool_size": 8, "prompt_length": 8, "top_k": 1}']
