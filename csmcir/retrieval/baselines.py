@@ -18,26 +18,24 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.feature_cache import encode_in_chunks
 from ..data.store import SplitStore
 from .evaluate import evaluate_embeddings
 
 
 @torch.no_grad()
 def _encode(
-    model, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, device, batch_size: int, desc: str, side: str = "query"
+    model, fast, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, device, batch_size: int, desc: str, side: str = "query"
 ) -> torch.Tensor:
-    from ..data.feature_cache import CACHE_BATCH_SIZE
-
-    # the tower's inference copy in small chunks, as the feature cache fills (about 6x the images/s
-    # of one 256 batch through the plain tower on a 2-core CPU; docs/efficientnet.md)
-    fast = model.vision.inference_copy()
+    """``fast``: the tower's inference copy, run in the feature cache's small chunks (about 6x the
+    images/s of one 256 batch through the plain tower on a 2-core CPU; docs/efficientnet.md)."""
     out = []
     for s in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, mininterval=1.0):
         n = int(lengths[s : s + batch_size].max())
         tok = ids[s : s + batch_size, :n].long().to(device)
         mask = (torch.arange(n)[None, :] < lengths[s : s + batch_size, None]).long().to(device)
         px = pixels[s : s + batch_size].to(device)
-        feats = torch.cat([fast(px[j : j + CACHE_BATCH_SIZE]) for j in range(0, len(px), CACHE_BATCH_SIZE)])
+        feats = encode_in_chunks(fast, px)
         out.append(model.encode(tok, mask, image_features=feats.to(model.proj.weight.dtype), side=side).float().cpu())
     return torch.cat(out)
 
@@ -45,8 +43,11 @@ def _encode(
 def evaluate_baselines(model, store: SplitStore, device="cpu", batch_size: int = 256, ks=(1, 5, 10, 50)) -> dict[str, dict[str, float]]:
     """Recall@K of the model and of the three shortcut baselines on one split."""
     model.eval().to(device)
+    fast = model.vision.inference_copy()
     g = store.gallery_rows
-    gallery = _encode(model, store.images[g], store.caption_ids[g], store.caption_lengths[g], device, batch_size, "gallery", side="target")
+    gallery = _encode(
+        model, fast, store.images[g], store.caption_ids[g], store.caption_lengths[g], device, batch_size, "gallery", side="target"
+    )
     refs = store.images[store.ref_rows]
     q_ids, q_len = store.query_ids, store.query_lengths
     empty_ids = store.caption_ids.new_zeros(len(refs), q_ids.shape[1])
@@ -54,12 +55,12 @@ def evaluate_baselines(model, store: SplitStore, device="cpu", batch_size: int =
     empty_len = torch.full((len(refs),), 2, dtype=q_len.dtype)
     blank = store.images.float().mean(dim=(0, 2, 3)).round().to(torch.uint8)[None, :, None, None].expand_as(refs).contiguous()
     results = {
-        "model": evaluate_embeddings(store, _encode(model, refs, q_ids, q_len, device, batch_size, "queries"), gallery, ks),
+        "model": evaluate_embeddings(store, _encode(model, fast, refs, q_ids, q_len, device, batch_size, "queries"), gallery, ks),
         "image_only": evaluate_embeddings(
-            store, _encode(model, refs, empty_ids, empty_len, device, batch_size, "image-only"), gallery, ks, by_type=False
+            store, _encode(model, fast, refs, empty_ids, empty_len, device, batch_size, "image-only"), gallery, ks, by_type=False
         ),
         "text_only": evaluate_embeddings(
-            store, _encode(model, blank, q_ids, q_len, device, batch_size, "text-only"), gallery, ks, by_type=False
+            store, _encode(model, fast, blank, q_ids, q_len, device, batch_size, "text-only"), gallery, ks, by_type=False
         ),
     }
     flat = lambda x: F.normalize((x.float() - x.float().mean(dim=(1, 2, 3), keepdim=True)).flatten(1), dim=-1)  # noqa: E731
