@@ -66,7 +66,13 @@ def test_ddp_validation_equals_single_process(easy_bench, trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bank", ['{"capacity": 256, "max_age": 10}', '{"capacity": 256, "max_age": 10, "momentum": 0.9}'], ids=["plain", "momentum"]
+    "bank",
+    [
+        '{"capacity": 256, "max_age": 10}',
+        '{"capacity": 256, "max_age": 10, "momentum": 0.9}',
+        '{"capacity": 256, "max_age": null, "half_life": null, "momentum": 0.9, "gate": true, "drift_every": 1, "same_id_positive": true}',
+    ],
+    ids=["plain", "momentum", "gated"],
 )
 def test_ddp_ranks_end_with_identical_memory_banks(easy_bench, tmp_path, bank):
     out = tmp_path / "ddp_bank"

@@ -167,7 +167,7 @@ def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(
     before = e0.detach().clone()
     with torch.no_grad():
         p0.add_(1.0)
-    m.on_train_batch_end(None, None, 0)
+    m.update_ema()
     torch.testing.assert_close(e0, before + 0.1)  # ema <- 0.9 ema + 0.1 model
     sd = m.state_dict()
     assert any(k.startswith("ema_model.") for k in sd)
@@ -195,7 +195,7 @@ def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_p
     with torch.no_grad():
         for p in m.model.parameters():
             p.add_(1.0)
-    m.on_train_batch_end(None, None, 0)
+    m.update_ema()
     assert all(torch.equal(a, b) for a, b in zip(ema_vision, m.ema_model.vision.parameters()))
     torch.testing.assert_close(m.ema_model.proj.weight, q_before + 0.1)
 
@@ -288,3 +288,140 @@ def test_qformer_keys_equal_tower_keys_on_a_frozen_tower(easy_bench, tmp_path):
         curves[keys] = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]
     assert len(curves["tower"]) == 6
     torch.testing.assert_close(torch.tensor(curves["qformer"]), torch.tensor(curves["tower"]), rtol=1e-4, atol=1e-5)
+
+
+# -- the drift-gated bank (issue 22) -------------------------------------------------------------
+def _gated(**kw):
+    kw = {"capacity": 4, "max_age": None, "half_life": None, "min_fraction": 1.0, "momentum": 0.99, "gate": True, **kw}
+    return MemoryBank(2, **kw)
+
+
+def test_the_gate_weights_entries_by_the_drift_measured_since_they_were_written():
+    b = _gated(drift_half=0.05, max_drift=0.2)
+    b.enqueue(torch.eye(2)[[0, 1]], torch.tensor([1, 2]), step=0)
+    # nothing measured yet: the bank is off and every entry excluded
+    assert b.gate_weight(5) == 0.0 and torch.isinf(b.log_age_weights(5)).all()
+    # hand-made drifts: entries 10 steps old drifted 0.01 -> 0.001 a step
+    assert b.drift(torch.tensor([0, 1]), F.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0]]), dim=1), step=10) > 0
+    b.gate.observe_drift(torch.tensor([0.01, 0.01]), torch.tensor([10, 10]))
+    assert float(b.gate.rate) == pytest.approx(0.001)
+    b.gate.advance(10)  # the odometer runs from the last step it saw (0)
+    b.gate.advance(50)  # 50 steps at 0.001: the entries written at D = 0 are 0.05 stale, half weight
+    assert float(b.gate.staleness(b.written_at)[0]) == pytest.approx(0.05)
+    assert b.log_age_weights(50)[:2].exp().tolist() == pytest.approx([0.5, 0.5])
+    assert b.gate_weight(50) == pytest.approx((0.5 + 0.5) / 4)  # the consistent share of the capacity
+    b.enqueue(torch.eye(2)[[0]], torch.tensor([3]), step=50)  # written now: full weight
+    assert b.log_age_weights(50)[2].exp().item() == pytest.approx(1.0)
+    # a faster-moving model: the same entries are stale sooner; past max_drift they are out
+    b.gate.observe_drift(torch.tensor([0.2]), torch.tensor([20]))  # 0.01 a step
+    b.gate.advance(69)  # +0.19: the first two entries are 0.24 stale, the third 0.19
+    lw = b.log_age_weights(69)
+    assert torch.isinf(lw[:2]).all() and lw[2].exp().item() == pytest.approx(2 ** (-0.19 / 0.05))
+    bias = b.bias(torch.eye(2)[[0]], 10.0, torch.full((1, 1), -1), step=69)
+    assert torch.isinf(bias[0, :2]).all() and torch.isfinite(bias[0, 2])
+
+
+def test_entries_of_a_correct_target_are_positives_of_the_bank_term():
+    from csmcir.losses import bank_nce
+
+    torch.manual_seed(0)
+    b = _gated(same_id_positive=True)
+    b.gate.observe_drift(torch.tensor([0.0]), torch.tensor([1]))  # measured, no drift: full weights
+    emb = F.normalize(torch.randn(3, 2), dim=1)
+    b.enqueue(emb, torch.tensor([7, 8, 9]), step=0)
+    q, k = F.normalize(torch.randn(2, 2), dim=1), F.normalize(torch.randn(2, 2), dim=1)
+    targets = torch.tensor([[8, -1], [5, 6]])  # query 0's correct target 8 is in slot 1
+    pos = b.positives(targets, step=1)
+    assert pos.tolist() == [[False, True, False, False], [False, False, False, False]]
+    bias = b.bias(q, 10.0, targets, step=1, key=k)
+    assert torch.isfinite(bias[0, :3]).all() and torch.isinf(bias[:, 3]).all()  # kept, not dropped
+    ls = torch.tensor(math.log(10.0))
+    got = bank_nce(q, k, b.emb, bias, ls, positive=pos)
+    logits = torch.cat([10 * (q * k).sum(1, keepdim=True), 10 * q @ b.emb.T + bias], 1)
+    want0 = torch.logsumexp(logits[0], 0) - torch.logsumexp(logits[0, [0, 2]], 0)  # key + slot 1 on top
+    want1 = torch.logsumexp(logits[1], 0) - logits[1, 0]
+    torch.testing.assert_close(got, (want0 + want1) / 2)
+    # without the option the same entry is dropped, as before
+    plain = _gated(same_id_positive=False)
+    plain.gate.observe_drift(torch.tensor([0.0]), torch.tensor([1]))
+    plain.enqueue(emb, torch.tensor([7, 8, 9]), step=0)
+    assert torch.isinf(plain.bias(q, 10.0, targets, step=1)[0, 1])
+
+
+def test_an_unlisted_duplicate_of_the_target_is_no_negative():
+    b = _gated(duplicate_cos=0.95)
+    b.gate.observe_drift(torch.tensor([0.0]), torch.tensor([1]))
+    b.enqueue(F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]), dim=1), torch.tensor([1, 2, 3]), step=0)
+    key = torch.tensor([[1.0, 0.0]])  # slots 0 and 1 (cos 0.995) look like the query's own target
+    bias = b.bias(torch.tensor([[0.0, 1.0]]), 10.0, torch.full((1, 1), -1), step=1, key=key)
+    assert torch.isinf(bias[0, :2]).all() and torch.isfinite(bias[0, 2])
+
+
+def test_a_forced_collapse_empties_the_bank_and_backs_off():
+    torch.manual_seed(0)
+    b = MemoryBank(
+        8, capacity=64, max_age=None, half_life=None, min_fraction=1.0, momentum=0.99, gate=True, rank_floor=0.5, backoff_steps=10
+    )
+    b.gate.observe_drift(torch.tensor([0.0]), torch.tensor([1]))
+    healthy = F.normalize(torch.randn(32, 8), dim=1)
+    b.enqueue(healthy, torch.arange(32), step=0)
+    rank, backed = b.observe_rank(healthy, step=1)
+    assert rank > 5 and not backed and b.gate_weight(1) == pytest.approx(0.5)
+    collapsed = F.normalize(torch.ones(32, 8) + 1e-3 * torch.randn(32, 8), dim=1)  # every embedding on one line
+    rank, backed = b.observe_rank(collapsed, step=2)
+    assert rank < 1.5 and backed and len(b) == 0 and int(b.gate.backoffs) == 1
+    b.enqueue(healthy, torch.arange(32), step=2)
+    assert b.gate_weight(5) == 0.0 and b.gate_weight(11) == 0.0 and b.gate_weight(12) > 0  # off for 10 steps
+    assert not b.observe_rank(collapsed, step=6)[1]  # no second back-off while backing off
+    # the reference is measured afresh when the bank returns
+    assert not b.observe_rank(collapsed, step=12)[1] and float(b.gate.rank_best) < 1.5
+
+
+def test_the_gate_state_round_trips_and_config_errors_are_one_line():
+    b = _gated(temperature=0.07)
+    b.gate.observe_drift(torch.tensor([0.02]), torch.tensor([10]))
+    b.gate.advance(30)
+    b.enqueue(torch.eye(2)[[0]], torch.tensor([1]), step=30)
+    b2 = _gated(temperature=0.07)
+    b2.load_state_dict(b.state_dict())
+    for name in ("rate", "odometer", "last_step", "rank_best", "backoff_until"):
+        assert torch.equal(getattr(b.gate, name), getattr(b2.gate, name)), name
+    assert torch.equal(b.written_at, b2.written_at) and torch.equal(b.logit_scale, b2.logit_scale)
+    assert b.scale_param(torch.tensor(0.0)).exp().item() == pytest.approx(1 / 0.07)
+    with pytest.raises(ValueError, match="need momentum"):
+        MemoryBank(2, gate=True)
+    with pytest.raises(ValueError, match="temperature"):
+        _gated(temperature=0.001)
+
+
+def test_fit_with_the_gated_bank_logs_its_gate_and_rank(easy_bench, tmp_path):
+    import csv
+
+    from csmcir.cli import main
+
+    from .conftest import fit_args
+
+    args = fit_args(
+        easy_bench,
+        tmp_path,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "6",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.memory_bank",
+        '{"capacity": 64, "max_age": null, "half_life": null, "momentum": 0.9, "gate": true, "drift_every": 2, '
+        '"same_id_positive": true, "temperature": 0.07, "duplicate_cos": 0.99}',
+    )
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
+    col = lambda name: [float(r[name]) for r in rows if r.get(name)]  # noqa: E731
+    gate, rate, erank = col("train/bank_gate"), col("train/bank_drift_rate"), col("train/erank")
+    assert len(gate) == 6 and gate[0] == 0.0 and max(gate) > 0  # off until drift was measured, then on
+    assert rate and all(r >= 0 for r in rate) and erank and all(1 <= e <= 16 for e in erank)
+    assert all(math.isfinite(x) for x in col("train/loss_bank")) and col("train/bank_temperature")
+    sd = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert float(sd["bank.gate.rate"]) >= 0 and float(sd["bank.gate.odometer"]) > 0 and "bank.logit_scale" in sd

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from csmcir.data.datasets import EpochSampler
@@ -53,14 +54,23 @@ def _fit(bench, out, *extra):
     return subprocess.run([sys.executable, "-m", "csmcir.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
 
 
-def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights(easy_bench, tmp_path):
-    whole = _fit(easy_bench, tmp_path / "whole")
+# the drift-gated memory bank (issue 22): its entries, EMA keys, odometer, drift rate and back-off
+# state must come back from last.ckpt too, so the resumed fit continues with the same bank and gate
+GATED_BANK = (
+    '{"capacity": 64, "max_age": null, "half_life": null, "momentum": 0.9, "gate": true, "drift_every": 2, '
+    '"same_id_positive": true, "temperature": 0.07}'
+)
+
+
+@pytest.mark.parametrize("extra", [[], ["--model.memory_bank", GATED_BANK]], ids=["in-batch", "gated-bank"])
+def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights(easy_bench, tmp_path, extra):
+    whole = _fit(easy_bench, tmp_path / "whole", *extra)
     assert whole.returncode == 0, whole.stderr[-2000:]
     # killed after step 9, mid-epoch (an epoch is 6 batches here); last.ckpt is from step 8
-    killed = _fit(easy_bench, tmp_path / "killed", "--trainer.callbacks+=tests.killer.KillAfterStep", "--trainer.callbacks.step=9")
+    killed = _fit(easy_bench, tmp_path / "killed", *extra, "--trainer.callbacks+=tests.killer.KillAfterStep", "--trainer.callbacks.step=9")
     assert killed.returncode == -9
     assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["global_step"] == 8
-    resumed = _fit(easy_bench, tmp_path / "killed", "--ckpt_path", "last")
+    resumed = _fit(easy_bench, tmp_path / "killed", *extra, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "not resumable" not in resumed.stderr
     a = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
@@ -69,6 +79,8 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights(easy_bench, tmp_path
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    if extra:  # the gate had measured drift and the bank was on when the fits ended
+        assert float(a["state_dict"]["bank.gate.rate"]) >= 0 and float(a["state_dict"]["bank.gate.odometer"]) > 0
 
 
 def test_optimizer_moments_stored_in_bfloat16_leave_training_in_float32_and_load_back():

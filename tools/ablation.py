@@ -155,7 +155,10 @@ VARIANTS["intent_pool_N4"] = [*_CACHED, "--model.intent", '{"task_prompt": true,
 VARIANTS["intent_task_e6"] = [*VARIANTS["intent_task"], "--trainer.max_epochs", "6"]
 VARIANTS["intent_task_e6_cold"] = [*VARIANTS["intent_task_e6"], "--model.feature_cache", "cache/cold"]  # times a cold fit
 VARIANTS["intent_task_e6_asymmetric"] = [*VARIANTS["intent_task_e6"], "--data.target_text", "none"]
-VARIANTS["intent_pool_eqtime"] = [*VARIANTS["intent_pool"], "--trainer.max_steps", "673"]
+# at equal wall clock with the README default since 2026-12-02 (the task prompt, 7 epochs, 819 steps at 230
+# samples/s): no prompt at 260 samples/s gets 926 steps (8 epochs cut at 926), the pool at 214 gets 762
+VARIANTS["intent_none_eqtime"] = [*VARIANTS["intent_none"], "--trainer.max_epochs", "8", "--trainer.max_steps", "926"]
+VARIANTS["intent_pool_eqtime"] = [*VARIANTS["intent_pool"], "--trainer.max_steps", "762"]
 # issue 23: the hard negative inside the 15-minute budget. Its 7-epoch fit took 16 min 25 s cold (a step carries
 # a third more target-side passes), so 6 epochs (702 steps) of the README default + one listed hard negative
 VARIANTS["m5_e6_hardneg"] = [*_CACHED, "--data.hard_negatives", "1", "--trainer.max_epochs", "6"]

@@ -222,9 +222,16 @@ class CIRModule(L.LightningModule):
         bank_kw = {} if extra is None or key is not None else {"extra": extra, "extra_bias": extra_bias}
         loss = self.loss(q, cand, mask, query_offset=offset, **bank_kw)
         if key is not None:
-            l_bank = bank_nce(q, key, extra, extra_bias, self.loss.logit_scale.clamp(max=self.loss.max_log_scale))
+            main_scale = self.loss.logit_scale.clamp(max=self.loss.max_log_scale)
+            positive = self.bank.positives(b.all_targets, int(self.global_step)) if self.bank.same_id_positive else None
+            l_bank = bank_nce(q, key, extra, extra_bias, self.bank.scale_param(main_scale), positive)
             self.log("train/loss_bank", l_bank, batch_size=bs)
-            loss = loss + self.bank.weight * l_bank
+            gate = self.bank.gate_weight(int(self.global_step))
+            if self.bank.gate is not None:
+                self.log("train/bank_gate", gate, batch_size=bs)
+            if self.bank.logit_scale is not None:
+                self.log("train/bank_temperature", float(1 / self.bank.scale_param(main_scale).detach().exp()), batch_size=bs)
+            loss = loss + self.bank.weight * gate * l_bank
         if self.bank is not None:
             self._enqueue(t, target_rows, local_rows, key, gathered, bs)
         if self.distill is not None:
@@ -243,15 +250,16 @@ class CIRModule(L.LightningModule):
         bs = q.shape[0]
         step = int(self.global_step)
         self.bank.evict(step)
+        if self.bank.gate is not None:
+            self.bank.gate.advance(step)
         scale = self.loss.scale
+        if self.bank.logit_scale is not None:  # its own temperature also ranks its entries
+            scale = float(self.bank.scale_param(self.loss.logit_scale).detach().exp())
         with torch.no_grad():
             batch_logits = scale * q.detach() @ cand.detach().t()
             fn = mask.clone()
             fn[torch.arange(bs, device=fn.device), offset + torch.arange(bs, device=fn.device)] = False
             batch_logits = batch_logits.masked_fill(fn, float("-inf"))
-        # a copy: the enqueue after the loss writes the buffer before backward needs it
-        extra, extra_bias = self.bank.emb.clone(), self.bank.bias(q, scale, b.all_targets, step, batch_logits)
-        self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
         key = None
         if self.ema_model is not None:
             with torch.no_grad():
@@ -259,6 +267,9 @@ class CIRModule(L.LightningModule):
                     key = self.ema_model.encode(b.caption_ids, b.caption_mask, image_features=target_features.detach(), side="target")
                 else:
                     key = self.ema_model.encode(b.caption_ids, b.caption_mask, pixels=b.target, side="target")
+        # a copy: the enqueue after the loss writes the buffer before backward needs it
+        extra, extra_bias = self.bank.emb.clone(), self.bank.bias(q, scale, b.all_targets, step, batch_logits, key=key)
+        self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
         return extra, extra_bias, key
 
     def _enqueue(self, t, target_rows, local_rows, key, gathered: bool, bs: int) -> None:
@@ -267,11 +278,27 @@ class CIRModule(L.LightningModule):
         if (key is not None or not gathered) and self.trainer.world_size > 1:
             bank_t = self.all_gather(bank_t).flatten(0, 1)
             bank_rows = self.all_gather(bank_rows).flatten(0, 1)
-        if self.bank.drift_every and self.global_step % self.bank.drift_every == 0:
+        step = int(self.global_step)
+        if self.bank.drift_every and step % self.bank.drift_every == 0:
             drift = self._bank_drift()  # entries of earlier steps, before this step's enqueue
             if drift is not None:
                 self.log("train/bank_drift", drift, batch_size=bs)
-        self.bank.enqueue(bank_t, bank_rows, int(self.global_step))
+                if self.bank.gate is not None:
+                    self.log("train/bank_drift_rate", float(self.bank.gate.rate), batch_size=bs)
+        if self.bank.gate is not None:
+            # the trained model's targets, every rank's (so every rank takes the same decision)
+            all_t = t.detach() if gathered or self.trainer.world_size == 1 else self.all_gather(t.detach()).flatten(0, 1)
+            rank, backed_off = self.bank.observe_rank(all_t, step)
+            self.log("train/erank", rank, batch_size=bs)
+            self.log("train/bank_backoff", float(self.bank.gate.backing_off(step) or backed_off), batch_size=bs)
+            if backed_off:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"step {step}: the targets' effective rank fell to {rank:.1f}, below {self.bank.gate.rank_floor:.0%} of its "
+                    f"best since the memory bank switched on: the bank is emptied and off for {self.bank.gate.backoff_steps} steps"
+                )
+        self.bank.enqueue(bank_t, bank_rows, step)
 
     def _distill_loss(self, q: torch.Tensor, t: torch.Tensor, b: TrainBatch, bs: int) -> torch.Tensor:
         """Feature and relational distillation of this rank's queries (:class:`DistillLoss`);
@@ -314,11 +341,19 @@ class CIRModule(L.LightningModule):
             fresh = encoder.encode(ids, mask, image_features=self.model.encode_image(store.images[rows].to(self.device)), side="target")
         else:
             fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device), side="target")
-        return self.bank.drift(slots, fresh)
+        return self.bank.drift(slots, fresh, int(self.global_step))
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # the EMA follows each optimizer step here, inside the step: an on_train_batch_end hook runs
+        # after the callbacks', so a mid-epoch last.ckpt would hold the EMA one update behind and a
+        # resumed fit would drift from the uninterrupted one (tests/test_resume.py)
+        self.update_ema()
 
     @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema_model is not None:  # after the optimizer step: ema = m * ema + (1 - m) * model
+    def update_ema(self) -> None:
+        """``ema = m * ema + (1 - m) * model`` for the momentum bank's key encoder (no-op without)."""
+        if self.ema_model is not None:
             m = self.bank.momentum
             params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
             for name, pe in self.ema_model.named_parameters():  # what the copy holds (no vision with qformer keys)
@@ -341,6 +376,10 @@ class CIRModule(L.LightningModule):
             ids = self.all_gather(self.bank.ids)
             emb = self.all_gather(self.bank.emb)
             diff = max(float((ids != ids[0]).sum()), float((emb - emb[0]).abs().max()))
+            if self.bank.gate is not None:  # and the same gate: drift rate, odometer, back-off, entry stamps
+                for state in (self.bank.written_at, *self.bank.gate.buffers()):
+                    every = self.all_gather(state.double())
+                    diff = max(diff, float((every - every[0]).abs().max()))
             self.log("train/bank_rank_mismatch", diff, rank_zero_only=True, sync_dist=False)
 
     # -- optimisation --------------------------------------------------------------------------

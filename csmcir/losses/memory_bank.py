@@ -23,6 +23,21 @@ Rule (``docs/memory_bank.md`` will carry the measurements; this is the definitio
   encoder, so the trained model cannot lower the term by drifting away from old entries.
 * **Plain FIFO** (MoCo-style, the ablation's control): ``max_age=None, half_life=None,
   min_fraction=1`` turns off eviction, decay and selection; only the id masking stays.
+* **The drift gate** (``gate`` set, with momentum keys; :class:`DriftGate`): weights follow the
+  MEASURED drift instead of the step count. Every ``drift_every`` steps the probe re-encodes a
+  sample of entries with the key encoder; their drifts ``1 - cos`` against their ages give the key
+  encoder's drift rate ``r`` (``sum d / sum age``). An odometer accumulates ``D += r`` a step, every
+  entry remembers ``D`` when it was written, and entry ``j``'s staleness is ``delta_j = D - D_j``:
+  its weight is ``w_j = 2 ** (-delta_j / drift_half)``, and it is evicted past ``max_drift``. The
+  bank term is weighted by ``g = sum_j w_j / capacity`` (its consistent share): 0 until the first
+  drift measurement, small while the model moves fast, towards 1 once it settles, so the bank
+  switches itself on and grows as the drift falls (XBM's "slow drift"). Entries of a query's
+  correct target count as positives of :func:`bank_nce` (``same_id_positive``, as BLIP does), an
+  entry closer than ``duplicate_cos`` to the query's own key is no negative (an unlisted duplicate),
+  and the bank has its own learnable temperature (``temperature``, clamped to [0.01, 0.5]).
+* **Back-off**: with the gate, the effective rank of each step's target embeddings is measured; if
+  it falls below ``rank_floor`` times its best since the bank switched on, the bank empties, its
+  term is off for ``backoff_steps`` steps, and the module logs ``train/bank_backoff``.
 
 The bank never imports Lightning; the LightningModule gathers embeddings across ranks before
 :meth:`MemoryBank.enqueue`, so every rank holds the same bank.
@@ -38,7 +53,11 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["MemoryBank", "MemoryBankConfig", "bank_nce"]
+# the bank term's own temperature stays in ALBEF's range (its learnable tau is clamped to [0.001, 0.5];
+# 0.01 is the main loss's clamp here)
+TEMPERATURE_BOUNDS = (0.01, 0.5)
+
+__all__ = ["MemoryBank", "MemoryBankConfig", "DriftGate", "bank_nce", "effective_rank"]
 
 
 @dataclass
@@ -55,16 +74,31 @@ class MemoryBankConfig:
     momentum: float | None = None
     weight: float = 1.0
     momentum_keys: str = "tower"
+    gate: bool = False
+    drift_half: float = 0.05
+    max_drift: float = 0.2
+    same_id_positive: bool = False
+    duplicate_cos: float | None = None
+    temperature: float | None = None
+    rank_floor: float = 0.5
+    backoff_steps: int = 100
 
     def build(self, dim: int) -> MemoryBank:
         return MemoryBank(dim, **asdict(self))
 
 
 def bank_nce(
-    query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor, bank_bias: torch.Tensor, logit_scale: torch.Tensor
+    query: torch.Tensor,
+    key: torch.Tensor,
+    bank: torch.Tensor,
+    bank_bias: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positive: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of each query against its momentum key (the positive) and the bank entries:
-    ``-log softmax([s q.k, s q.m_j + bias_j])[0]``, averaged; ``s = exp(logit_scale)``.
+    ``-log softmax([s q.k, s q.m_j + bias_j])[0]``, averaged; ``s = exp(logit_scale)``. With
+    ``positive [B, M]`` the entries it marks are positives too (entries of the query's own correct
+    target): ``-log(sum_{pos} e^l / sum_all e^l)``, the key always among the positives.
 
     Args:
         query: ``[B, D]`` L2-normalised queries (with gradient).
@@ -74,7 +108,97 @@ def bank_nce(
     s = logit_scale.exp()
     pos = s * (query * key.detach()).sum(1, keepdim=True)
     logits = torch.cat([pos, s * query @ bank.detach().t() + bank_bias], 1)
-    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+    if positive is None:
+        return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+    is_pos = torch.cat([torch.ones_like(positive[:, :1]), positive], 1)
+    num = torch.logsumexp(logits.masked_fill(~is_pos, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - num).mean()
+
+
+def effective_rank(emb: torch.Tensor) -> float:
+    """Effective rank (Roy and Vetterli 2007) of ``emb [N, D]``: ``exp(H(p))`` with ``p`` the
+    singular values divided by their sum; 1 for embeddings on one line, ``min(N, D)`` for an
+    orthogonal set. A collapsing model drives it down (docs/memory_bank.md)."""
+    sv = torch.linalg.svdvals(emb.detach().float())
+    p = sv / sv.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
+
+
+class DriftGate(nn.Module):
+    """The bank's measured-drift state (see the module docstring); buffers, so it checkpoints.
+
+    ``rate`` < 0 means no drift measured yet (the bank is off); ``odometer`` is the accumulated
+    drift ``D``; ``rank_best`` the best effective rank since the bank switched on (0: not on yet);
+    ``backoff_until`` the step before which the bank stays off after a back-off.
+    """
+
+    def __init__(self, drift_half: float = 0.05, max_drift: float = 0.2, rank_floor: float = 0.5, backoff_steps: int = 100):
+        super().__init__()
+        if drift_half <= 0 or max_drift <= 0 or not 0 <= rank_floor < 1 or backoff_steps < 0:
+            raise ConfigError("memory bank gate needs drift_half > 0, max_drift > 0, 0 <= rank_floor < 1, backoff_steps >= 0")
+        self.drift_half, self.max_drift, self.rank_floor, self.backoff_steps = (
+            float(drift_half),
+            float(max_drift),
+            rank_floor,
+            backoff_steps,
+        )
+        self.register_buffer("rate", torch.tensor(-1.0, dtype=torch.float64))
+        self.register_buffer("odometer", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("last_step", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("rank_best", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("backoff_until", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("backoffs", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def measured(self) -> bool:
+        return float(self.rate) >= 0
+
+    @torch.no_grad()
+    def advance(self, step: int) -> None:
+        """Move the odometer to ``step`` at the last measured rate."""
+        if self.measured and step > int(self.last_step):
+            self.odometer += float(self.rate) * (step - int(self.last_step))
+        self.last_step.fill_(max(int(step), int(self.last_step)))
+
+    @torch.no_grad()
+    def observe_drift(self, drift: torch.Tensor, age: torch.Tensor) -> float:
+        """Set the rate from entries' drifts ``1 - cos`` and ages in steps: ``sum d / sum age``."""
+        total_age = float(age.clamp(min=0).sum())
+        if total_age > 0:
+            self.rate.fill_(max(0.0, float(drift.double().sum()) / total_age))
+        return float(self.rate)
+
+    def staleness(self, written_at: torch.Tensor) -> torch.Tensor:
+        """``delta_j = D - D_j``: the drift accumulated since each entry was written."""
+        return (self.odometer - written_at.double()).clamp(min=0)
+
+    def log_weights(self, written_at: torch.Tensor) -> torch.Tensor:
+        """``log w_j = -delta_j / drift_half * log 2``; ``-inf`` past ``max_drift`` or before any
+        drift was measured."""
+        delta = self.staleness(written_at)
+        lw = -delta / self.drift_half * math.log(2.0)
+        lw = lw.masked_fill(delta > self.max_drift, float("-inf"))
+        if not self.measured:
+            lw = torch.full_like(lw, float("-inf"))
+        return lw.float()
+
+    def backing_off(self, step: int) -> bool:
+        return int(step) < int(self.backoff_until)
+
+    @torch.no_grad()
+    def observe_rank(self, rank: float, step: int, bank_on: bool) -> bool:
+        """Record this step's effective rank; returns True when it starts a back-off (the rank
+        fell below ``rank_floor`` times its best since the bank switched on)."""
+        if not bank_on or self.backing_off(step):
+            return False
+        best = max(float(self.rank_best), rank)
+        self.rank_best.fill_(best)
+        if rank < self.rank_floor * best:
+            self.backoff_until.fill_(int(step) + self.backoff_steps)
+            self.rank_best.fill_(0.0)  # measured afresh when the bank comes back
+            self.backoffs += 1
+            return True
+        return False
 
 
 class MemoryBank(nn.Module):
@@ -101,6 +225,15 @@ class MemoryBank(nn.Module):
             Q-Former pass and no vision pass. Only for a frozen vision tower (there it gives the
             same keys as ``"tower"``); with a trained tower the keys carry the tower's current drift and
             the synthetic fit did not learn, so :class:`CIRModule` refuses that combination.
+        gate: weight entries and the bank term by the measured drift (:class:`DriftGate`, the
+            module docstring); needs ``momentum``. ``drift_half``, ``max_drift``, ``rank_floor`` and
+            ``backoff_steps`` are its settings.
+        same_id_positive: entries of a query's correct target are positives of :func:`bank_nce`
+            (otherwise they are dropped); needs ``momentum``.
+        duplicate_cos: an entry whose cosine to the query's own momentum key is above this is not
+            a negative for that query (an unlisted duplicate of its target); ``None``: no guard.
+        temperature: the bank term's own learnable temperature (start; clamped to [0.01, 0.5]);
+            ``None``: the main loss's.
     """
 
     def __init__(
@@ -115,8 +248,22 @@ class MemoryBank(nn.Module):
         momentum: float | None = None,
         weight: float = 1.0,
         momentum_keys: str = "tower",
+        gate: bool = False,
+        drift_half: float = 0.05,
+        max_drift: float = 0.2,
+        same_id_positive: bool = False,
+        duplicate_cos: float | None = None,
+        temperature: float | None = None,
+        rank_floor: float = 0.5,
+        backoff_steps: int = 100,
     ):
         super().__init__()
+        if (gate or same_id_positive) and momentum is None:
+            raise ConfigError("memory bank gate and same_id_positive need momentum keys (e.g. momentum: 0.995)")
+        if temperature is not None and not TEMPERATURE_BOUNDS[0] <= temperature <= TEMPERATURE_BOUNDS[1]:
+            raise ConfigError(f"memory bank temperature must lie in {list(TEMPERATURE_BOUNDS)}, got {temperature}")
+        if duplicate_cos is not None and not -1 < duplicate_cos <= 1:
+            raise ConfigError(f"memory bank duplicate_cos must be in (-1, 1] or null, got {duplicate_cos}")
         if momentum is not None and not 0 <= momentum < 1:
             raise ConfigError("memory bank momentum must be in [0, 1) or null")
         if momentum_keys not in ("tower", "qformer"):
@@ -131,6 +278,19 @@ class MemoryBank(nn.Module):
         self.register_buffer("ids", torch.full((capacity,), -1, dtype=torch.long))
         self.register_buffer("steps", torch.zeros(capacity, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.same_id_positive, self.duplicate_cos = same_id_positive, duplicate_cos
+        self.gate = DriftGate(drift_half, max_drift, rank_floor, backoff_steps) if gate else None
+        if gate:  # the odometer reading when each slot was written
+            self.register_buffer("written_at", torch.zeros(capacity, dtype=torch.float64))
+        # the bank term's own inverse temperature, learnable (no weight decay: "logit_scale" in its name)
+        self.logit_scale = None if temperature is None else nn.Parameter(torch.tensor(1.0 / temperature).log())
+
+    def scale_param(self, fallback: torch.Tensor) -> torch.Tensor:
+        """The bank term's log inverse temperature, clamped to its bounds (``fallback``: the main
+        loss's, already clamped, when the bank has none)."""
+        if self.logit_scale is None:
+            return fallback
+        return self.logit_scale.clamp(math.log(1 / TEMPERATURE_BOUNDS[1]), math.log(1 / TEMPERATURE_BOUNDS[0]))
 
     # -- contents ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,6 +302,8 @@ class MemoryBank(nn.Module):
         self.emb[slots] = emb.to(self.emb.dtype)
         self.ids[slots] = ids.to(self.ids.device, torch.long)
         self.steps[slots] = int(step)
+        if self.gate is not None:
+            self.written_at[slots] = self.gate.odometer
         self.ptr.fill_(int((self.ptr + n) % self.capacity))
 
     @torch.no_grad()
@@ -164,33 +326,93 @@ class MemoryBank(nn.Module):
     def __len__(self) -> int:
         return int(self.valid().sum())
 
-    def drift(self, slots: torch.Tensor, fresh: torch.Tensor) -> float:
+    def drift(self, slots: torch.Tensor, fresh: torch.Tensor, step: int | None = None) -> float:
         """Mean cosine drift ``1 - cos(m_j, fresh_j)`` of the entries in ``slots`` against the same
-        targets re-encoded now (``fresh``, L2-normalised): how stale the bank is."""
-        return float((1 - (self.emb[slots] * fresh.to(self.emb.dtype)).sum(1)).mean())
+        targets re-encoded now (``fresh``, L2-normalised): how stale the bank is. With the gate and
+        ``step``, the drifts and the entries' ages also set its drift rate."""
+        d = 1 - (self.emb[slots] * fresh.to(self.emb.dtype)).sum(1)
+        if self.gate is not None and step is not None:
+            self.gate.observe_drift(d, int(step) - self.steps[slots])
+        return float(d.mean())
 
     def log_age_weights(self, step: int) -> torch.Tensor:
-        """``log w_j = -(step - s_j) / half_life * log 2`` for every slot (0 without decay)."""
+        """``log w_j = -(step - s_j) / half_life * log 2`` for every slot (0 without decay); with
+        the gate, the measured-drift weights of :meth:`DriftGate.log_weights` join them."""
+        if self.gate is not None:
+            lw = self.gate.log_weights(self.written_at)
+            return lw if self.half_life is None else lw + self._age_decay(step)
+        return self._age_decay(step)
+
+    def _age_decay(self, step: int) -> torch.Tensor:
         if self.half_life is None:
             return torch.zeros_like(self.emb[:, 0])
         age = (int(step) - self.steps).clamp(min=0).to(self.emb.dtype)
         return -age / self.half_life * math.log(2.0)
 
+    def gate_weight(self, step: int) -> float:
+        """The bank term's weight factor ``g``: 1 without the gate; with it, the kept entries'
+        summed weight over the capacity (0 before the first drift measurement and while backing off)."""
+        if self.gate is None:
+            return 1.0
+        if self.gate.backing_off(step) or not self.gate.measured:
+            return 0.0
+        lw = self.log_age_weights(step).masked_fill(~self.valid() | self._too_old(step), float("-inf"))
+        return float(lw.exp().sum()) / self.capacity
+
+    @torch.no_grad()
+    def observe_rank(self, emb: torch.Tensor, step: int) -> tuple[float, bool]:
+        """With the gate: the effective rank of this step's target embeddings ``emb``; a fall below
+        ``rank_floor`` times its best since the bank switched on empties the bank and starts a
+        back-off. Returns ``(rank, backed_off_now)``."""
+        rank = effective_rank(emb)
+        if self.gate is None:
+            return rank, False
+        started = self.gate.observe_rank(rank, step, bank_on=self.gate_weight(step) > 0)
+        if started:
+            self.ids.fill_(-1)
+        return rank, started
+
     # -- the loss' extra negatives ----------------------------------------------------------
+    def positives(self, all_targets: torch.Tensor, step: int) -> torch.Tensor:
+        """``[B, capacity]``: kept entries whose id is one of query ``i``'s correct targets."""
+        kept = self.valid() & ~self._too_old(step) & torch.isfinite(self.log_age_weights(step))
+        return (all_targets[:, :, None] == self.ids[None, None, :]).any(1) & kept[None, :]
+
     def bias(
-        self, query: torch.Tensor, scale: float, all_targets: torch.Tensor, step: int, batch_logits: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        scale: float,
+        all_targets: torch.Tensor,
+        step: int,
+        batch_logits: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, capacity]`` additive bias for the bank's logits ``scale * query @ emb.T``:
         ``log w_j`` for selected entries, ``-inf`` for empty, evicted, false-negative or
         unselected ones. ``batch_logits [B, Bt]`` (the in-batch logits, ``-inf`` where masked)
-        join the entropy; no gradient flows through the selection."""
+        join the entropy; no gradient flows through the selection. With ``duplicate_cos`` and the
+        queries' momentum keys ``key [B, D]``, entries closer than it to the key are excluded too.
+        With ``same_id_positive`` the entries of :meth:`positives` get ``log w_j`` (never selected
+        away); the caller passes that mask to :func:`bank_nce`."""
         with torch.no_grad():
             b = query.shape[0]
             sims = scale * query.detach() @ self.emb.t()
-            bias = self.log_age_weights(step).expand(b, -1).clone()
+            lw = self.log_age_weights(step)
+            bias = lw.expand(b, -1).clone()
             excluded = ~self.valid()[None, :] | self._too_old(step)[None, :]
-            excluded = excluded | (all_targets[:, :, None] == self.ids[None, None, :]).any(1)
+            same = (all_targets[:, :, None] == self.ids[None, None, :]).any(1)
+            excluded = excluded | same
+            if self.duplicate_cos is not None and key is not None:
+                excluded = excluded | (key.detach().to(self.emb.dtype) @ self.emb.t() > self.duplicate_cos)
             bias[excluded.expand(b, -1)] = float("-inf")
+            if self.same_id_positive:
+                pos = self.positives(all_targets, step)
+                return torch.where(pos, lw.expand(b, -1), self._select(bias, sims, batch_logits))
+            return self._select(bias, sims, batch_logits)
+
+    def _select(self, bias: torch.Tensor, sims: torch.Tensor, batch_logits: torch.Tensor | None) -> torch.Tensor:
+        """Entropy selection: each query keeps its ``k_i`` hardest of the entries ``bias`` allows."""
+        with torch.no_grad():
             if self.min_fraction >= 1:
                 return bias  # every valid entry, no selection
             logits = sims + bias
