@@ -170,6 +170,25 @@ VARIANTS["fashion"] = ["--config", "configs/fashion.yaml", "--model.feature_cach
 VARIANTS["fashion_scratch"] = ["--config", "configs/fashion.yaml", "--model.net.model", "small", "--trainer.max_epochs", "5"]
 # the README's 15-minute budget: 12 epochs (1404 steps) with a cold cache
 VARIANTS["lite0_small_e12"] = VARIANTS["lite0_small"] + ["--trainer.max_epochs", "12"]
+# issue 22 in the pretrained regime (the README default: frozen Lite0 mbconv5 + cache + task prompt, 819 steps):
+# in-batch only is "intent_task"; the bank holds 4096 entries (32 steps of targets) in every arm
+_BANK_PT = {"capacity": 4096, "max_age": None, "half_life": None}
+_MOMENTUM_PT = {**_BANK_PT, "momentum": 0.995, "momentum_keys": "qformer"}  # ALBEF's momentum, EMA Q-Former keys
+_GATED = {
+    **_MOMENTUM_PT,
+    "gate": True,
+    "drift_every": 10,
+    "same_id_positive": True,
+    "duplicate_cos": 0.9,
+    "temperature": 0.07,
+    "min_fraction": 0.25,
+}
+VARIANTS["pt_fifo_bank"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps({**_BANK_PT, "min_fraction": 1.0})]
+VARIANTS["pt_momentum_bank"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps({**_MOMENTUM_PT, "min_fraction": 1.0})]
+VARIANTS["pt_gated_bank"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps(_GATED)]
+VARIANTS["pt_gated_bank_noentropy"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps({**_GATED, "min_fraction": 1.0})]
+# the in-batch control with a probe: the gated bank at weight 0 logs drift, gate and rank and changes nothing
+VARIANTS["pt_probe"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps({**_GATED, "weight": 0.0})]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 
 
