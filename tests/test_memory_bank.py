@@ -101,7 +101,8 @@ def test_bank_round_trips_through_a_state_dict():
     assert CIRModule(net=TINY).bank is None  # off by default
 
 
-def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
+def _fit_with_bank(bench, out, bank: str) -> list[dict]:
+    """A 6-step CLI fit with ``--model.memory_bank bank``, logging every step; its metrics rows."""
     import csv
 
     from csmcir.cli import main
@@ -109,8 +110,8 @@ def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
     from .conftest import fit_args
 
     args = fit_args(
-        easy_bench,
-        tmp_path,
+        bench,
+        out,
         "--trainer.max_epochs",
         "1",
         "--trainer.limit_train_batches",
@@ -120,10 +121,14 @@ def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
         "--trainer.limit_val_batches",
         "1",
         "--model.memory_bank",
-        '{"capacity": 64, "max_age": 4, "half_life": 2.0, "drift_every": 2}',
+        bank,
     )
     assert main(args) == 0
-    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
+    return list(csv.DictReader(open(next(out.glob("lightning_logs/version_*/metrics.csv")))))
+
+
+def test_fit_with_the_bank_through_the_cli(easy_bench, tmp_path):
+    rows = _fit_with_bank(easy_bench, tmp_path, '{"capacity": 64, "max_age": 4, "half_life": 2.0, "drift_every": 2}')
     kept = [float(r["train/bank_kept"]) for r in rows if r.get("train/bank_kept")]
     losses = [float(r["train/loss_nce"]) for r in rows if r.get("train/loss_nce")]
     assert kept[0] == 0 and max(kept) > 0 and all(math.isfinite(x) for x in losses)
@@ -395,29 +400,12 @@ def test_the_gate_state_round_trips_and_config_errors_are_one_line():
 
 
 def test_fit_with_the_gated_bank_logs_its_gate_and_rank(easy_bench, tmp_path):
-    import csv
-
-    from csmcir.cli import main
-
-    from .conftest import fit_args
-
-    args = fit_args(
+    rows = _fit_with_bank(
         easy_bench,
         tmp_path,
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "6",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.limit_val_batches",
-        "1",
-        "--model.memory_bank",
         '{"capacity": 64, "max_age": null, "half_life": null, "momentum": 0.9, "gate": true, "drift_every": 2, '
         '"same_id_positive": true, "temperature": 0.07, "duplicate_cos": 0.99}',
     )
-    assert main(args) == 0
-    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
     col = lambda name: [float(r[name]) for r in rows if r.get(name)]  # noqa: E731
     gate, rate, erank = col("train/bank_gate"), col("train/bank_drift_rate"), col("train/erank")
     assert len(gate) == 6 and gate[0] == 0.0 and max(gate) > 0  # off until drift was measured, then on
