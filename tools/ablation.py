@@ -179,7 +179,7 @@ _GATED = {
     "gate": True,
     "drift_every": 10,
     "same_id_positive": True,
-    "duplicate_cos": 0.9,
+    "duplicate_cos": 0.95,
     "temperature": 0.07,
     "min_fraction": 0.25,
 }
