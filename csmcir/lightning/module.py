@@ -218,12 +218,11 @@ class CIRModule(L.LightningModule):
         cand = torch.cat([t, neg])
         mask = same_target_mask(torch.cat([target_rows, neg_rows]), b.all_targets)
         bank_terms = self._bank_terms(b, q, cand, mask, offset, features[:bs]) if self.bank is not None else None
-        extra, extra_bias, key = bank_terms if bank_terms is not None else (None, None, None)
+        extra, extra_bias, key, positive = bank_terms if bank_terms is not None else (None, None, None, None)
         bank_kw = {} if extra is None or key is not None else {"extra": extra, "extra_bias": extra_bias}
         loss = self.loss(q, cand, mask, query_offset=offset, **bank_kw)
         if key is not None:
             main_scale = self.loss.logit_scale.clamp(max=self.loss.max_log_scale)
-            positive = self.bank.positives(b.all_targets, int(self.global_step)) if self.bank.same_id_positive else None
             l_bank = bank_nce(q, key, extra, extra_bias, self.bank.scale_param(main_scale), positive)
             self.log("train/loss_bank", l_bank, batch_size=bs)
             gate = self.bank.gate_weight(int(self.global_step))
@@ -246,7 +245,7 @@ class CIRModule(L.LightningModule):
 
     def _bank_terms(self, b: TrainBatch, q, cand, mask, offset: int, target_features):
         """The bank's entries and per-query bias (:meth:`MemoryBank.bias`) and, with momentum
-        keys, this rank's targets through the EMA encoder."""
+        keys, this rank's targets through the EMA encoder and the entries that are positives."""
         bs = q.shape[0]
         step = int(self.global_step)
         self.bank.evict(step)
@@ -267,10 +266,13 @@ class CIRModule(L.LightningModule):
                     key = self.ema_model.encode(b.caption_ids, b.caption_mask, image_features=target_features.detach(), side="target")
                 else:
                     key = self.ema_model.encode(b.caption_ids, b.caption_mask, pixels=b.target, side="target")
+        # entries of a correct target: positives of the bank term (same_id_positive), found once
+        positive = self.bank.positives(b.all_targets, step) if self.bank.same_id_positive else None
         # a copy: the enqueue after the loss writes the buffer before backward needs it
-        extra, extra_bias = self.bank.emb.clone(), self.bank.bias(q, scale, b.all_targets, step, batch_logits, key=key)
+        extra = self.bank.emb.clone()
+        extra_bias = self.bank.bias(q, scale, b.all_targets, step, batch_logits, key=key, positive=positive)
         self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
-        return extra, extra_bias, key
+        return extra, extra_bias, key, positive
 
     def _enqueue(self, t, target_rows, local_rows, key, gathered: bool, bs: int) -> None:
         """Every rank enqueues the same, gathered positives, so the banks stay identical."""

@@ -386,14 +386,16 @@ class MemoryBank(nn.Module):
         step: int,
         batch_logits: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
+        positive: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, capacity]`` additive bias for the bank's logits ``scale * query @ emb.T``:
         ``log w_j`` for selected entries, ``-inf`` for empty, evicted, false-negative or
         unselected ones. ``batch_logits [B, Bt]`` (the in-batch logits, ``-inf`` where masked)
         join the entropy; no gradient flows through the selection. With ``duplicate_cos`` and the
         queries' momentum keys ``key [B, D]``, entries closer than it to the key are excluded too.
-        With ``same_id_positive`` the entries of :meth:`positives` get ``log w_j`` (never selected
-        away); the caller passes that mask to :func:`bank_nce`."""
+        With ``same_id_positive`` the entries of :meth:`positives` (``positive``, when the caller
+        has it already) get ``log w_j`` (never selected away); the caller passes that mask to
+        :func:`bank_nce`."""
         with torch.no_grad():
             b = query.shape[0]
             sims = scale * query.detach() @ self.emb.t()
@@ -406,7 +408,7 @@ class MemoryBank(nn.Module):
                 excluded = excluded | (key.detach().to(self.emb.dtype) @ self.emb.t() > self.duplicate_cos)
             bias[excluded.expand(b, -1)] = float("-inf")
             if self.same_id_positive:
-                pos = self.positives(all_targets, step)
+                pos = self.positives(all_targets, step) if positive is None else positive
                 return torch.where(pos, lw.expand(b, -1), self._select(bias, sims, batch_logits))
             return self._select(bias, sims, batch_logits)
 
