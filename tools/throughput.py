@@ -55,6 +55,8 @@ def main() -> int:
     p.add_argument("--runs", default="checkpoints/throughput", help="folder for the fits (finished ones are reused)")
     p.add_argument("--out", help="JSON file for the per-fit and aggregated numbers")
     a = p.parse_args()
+    if a.steps <= 10 or a.repeats < 1:
+        p.error("--steps must exceed 10 (TrainSpeed leaves the first 5 out) and --repeats must be at least 1")
     fits: dict[str, list[float]] = {v: [] for v in a.variants}
     for r in range(a.repeats):
         for v in a.variants:
