@@ -63,6 +63,29 @@ def test_entropy_decides_how_many_hardest_entries_a_query_keeps():
     assert torch.isfinite(bias[0]).all()
 
 
+def test_a_large_bank_selects_from_a_sample_the_same_share_of_hardest_entries():
+    # 4096 entries: the k-th largest logit comes from 512 evenly spaced slots; each query keeps
+    # about the share the exact sort keeps, and still exactly its hardest entries
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(4096, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(32, 16, generator=g), dim=1)
+    batch = torch.randn(32, 8, generator=g) * torch.linspace(0.1, 30, 32)[:, None]  # entropy from high to low
+    no_targets = torch.full((32, 1), -1)
+    kept = {}
+    for sample in (None, 512):
+        b = MemoryBank(16, capacity=4096, max_age=None, half_life=None, min_fraction=0.25, select_sample=sample)
+        b.enqueue(emb, torch.arange(4096), step=0)
+        bias = b.bias(q, 10.0, no_targets, step=0, batch_logits=batch)
+        keep = torch.isfinite(bias)
+        logits = 10.0 * q @ emb.t()
+        for i in range(32):  # every kept entry is at least as similar as every dropped one
+            assert logits[i][keep[i]].min() >= logits[i][~keep[i]].max()
+        kept[sample] = keep.sum(1).float()
+    assert kept[None].min() < 2000 < kept[None].max()  # the queries do keep different shares
+    assert (kept[512] - kept[None]).abs().max() <= 0.06 * 4096
+    assert (kept[512] - kept[None]).abs().mean() <= 0.03 * 4096
+
+
 def test_plain_fifo_keeps_every_entry_unweighted_until_overwritten():
     b = MemoryBank(2, capacity=3, max_age=None, half_life=None, min_fraction=1.0)
     b.enqueue(torch.eye(2)[[0, 1, 0]], torch.tensor([1, 2, 3]), step=0)
@@ -179,6 +202,14 @@ def test_momentum_bank_keeps_an_ema_copy_that_follows_the_model_and_checkpoints(
     m2 = CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9})
     m2.load_state_dict(sd)
     torch.testing.assert_close(next(m2.ema_model.parameters()), e0)
+    # the update keeps following the module's tensors after a checkpoint is loaded into it
+    m2.update_ema()
+    p2, e2 = next(m2.model.parameters()), next(m2.ema_model.parameters())
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        p2.add_(1.0)
+    m2.update_ema()
+    torch.testing.assert_close(e2, 0.9 * e0 + 0.1 * (p0 + 1.0))
 
 
 def test_qformer_momentum_keys_reuse_the_steps_vision_features(easy_bench, tmp_path, monkeypatch):

@@ -152,6 +152,7 @@ class CIRModule(L.LightningModule):
             # vision tower out (an empty stand-in; the memo keeps deepcopy from copying it at all)
             memo = {id(self.model.vision): torch.nn.Identity()} if qformer_keys else {}
             self.ema_model = copy.deepcopy(self.model, memo).requires_grad_(False)
+        self._ema_pairs = None  # update_ema's (ema, model) tensor lists, built at its first call
         self.distill = DistillLoss(self.model_config.embed_dim, distill) if distill else None
         self._eval: dict[str, dict[str, list]] = {}
         pool = self.model.intent.cfg.pool_size if self.model.intent is not None else 0
@@ -266,11 +267,13 @@ class CIRModule(L.LightningModule):
                     key = self.ema_model.encode(b.caption_ids, b.caption_mask, image_features=target_features.detach(), side="target")
                 else:
                     key = self.ema_model.encode(b.caption_ids, b.caption_mask, pixels=b.target, side="target")
-        # entries of a correct target: positives of the bank term (same_id_positive), found once
-        positive = self.bank.positives(b.all_targets, step) if self.bank.same_id_positive else None
+        # the entries of a correct target, found once: excluded as negatives, and with
+        # same_id_positive the bank term's positives
+        same = self.bank.same_id(b.all_targets)
+        positive = self.bank.positives(b.all_targets, step, same) if self.bank.same_id_positive else None
         # a copy: the enqueue after the loss writes the buffer before backward needs it
         extra = self.bank.emb.clone()
-        extra_bias = self.bank.bias(q, scale, b.all_targets, step, batch_logits, key=key, positive=positive)
+        extra_bias = self.bank.bias(q, scale, b.all_targets, step, batch_logits, key=key, positive=positive, same=same)
         self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
         return extra, extra_bias, key, positive
 
@@ -356,10 +359,14 @@ class CIRModule(L.LightningModule):
     def update_ema(self) -> None:
         """``ema = m * ema + (1 - m) * model`` for the momentum bank's key encoder (no-op without)."""
         if self.ema_model is not None:
-            m = self.bank.momentum
-            params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
-            for name, pe in self.ema_model.named_parameters():  # what the copy holds (no vision with qformer keys)
-                pe.lerp_(params[name].detach(), 1 - m)
+            if self._ema_pairs is None:  # matched by name once (the copy holds no vision with qformer keys)
+                params = dict(self.model.named_parameters())
+                named = list(self.ema_model.named_parameters())
+                self._ema_pairs = ([pe for _, pe in named], [params[n] for n, _ in named])
+            ema_p, model_p = self._ema_pairs
+            # one fused lerp over every tensor instead of a Python loop of small ones
+            torch._foreach_lerp_(ema_p, [p.detach() for p in model_p], 1 - self.bank.momentum)
+            buffers = dict(self.model.named_buffers())  # frozen statistics and ids: copied
             for name, be in self.ema_model.named_buffers():
                 be.copy_(buffers[name])
 

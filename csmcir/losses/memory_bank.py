@@ -16,6 +16,8 @@ Rule (``docs/memory_bank.md`` will carry the measurements; this is the definitio
   entropy in [0, 1]. Query ``i`` keeps its ``k_i = ceil(n_bank * (min_fraction + (1 -
   min_fraction) * h_i))`` most similar bank entries: a confident query (low entropy) gets only
   the hardest negatives, an uncertain one a broad set. Selection is computed without gradient.
+  A bank of more than ``select_sample`` entries finds the k-th largest as the same quantile
+  (``k_i / n_i``) of evenly spaced slots instead of sorting every entry.
 * **Momentum keys** (``momentum`` set): the LightningModule keeps an exponential moving average
   (EMA) copy of the dual tower; bank entries are the EMA's target embeddings, and the bank enters
   through its own term :func:`bank_nce`, whose positive is the EMA embedding of the query's own
@@ -82,6 +84,7 @@ class MemoryBankConfig:
     temperature: float | None = None
     rank_floor: float = 0.5
     backoff_steps: int = 100
+    select_sample: int | None = 512
 
     def build(self, dim: int) -> MemoryBank:
         return MemoryBank(dim, **asdict(self))
@@ -234,6 +237,11 @@ class MemoryBank(nn.Module):
             a negative for that query (an unlisted duplicate of its target); ``None``: no guard.
         temperature: the bank term's own learnable temperature (start; clamped to [0.01, 0.5]);
             ``None``: the main loss's.
+        select_sample: a bank larger than this finds each query's k-th largest logit in this
+            many evenly spaced slots (the same quantile, ``k_i / n_i``, of a sample) instead of
+            sorting all of them; ``None``: always exact. At 512 slots of 4096, 128 queries, one
+            thread: the kept share moves by 1.4 points of the bank on average (7 at most) and the
+            selection takes 17.5 ms against the exact sort's 50.6 (docs/memory_bank.md).
     """
 
     def __init__(
@@ -256,8 +264,12 @@ class MemoryBank(nn.Module):
         temperature: float | None = None,
         rank_floor: float = 0.5,
         backoff_steps: int = 100,
+        select_sample: int | None = 512,
     ):
         super().__init__()
+        if select_sample is not None and select_sample < 1:
+            raise ConfigError(f"memory bank select_sample must be >= 1 or null, got {select_sample}")
+        self.select_sample = select_sample
         if (gate or same_id_positive) and momentum is None:
             raise ConfigError("memory bank gate and same_id_positive need momentum keys (e.g. momentum: 0.995)")
         if temperature is not None and not TEMPERATURE_BOUNDS[0] <= temperature <= TEMPERATURE_BOUNDS[1]:
@@ -373,10 +385,17 @@ class MemoryBank(nn.Module):
         return rank, started
 
     # -- the loss' extra negatives ----------------------------------------------------------
-    def positives(self, all_targets: torch.Tensor, step: int) -> torch.Tensor:
-        """``[B, capacity]``: kept entries whose id is one of query ``i``'s correct targets."""
+    def same_id(self, all_targets: torch.Tensor) -> torch.Tensor:
+        """``[B, capacity]``: slots whose id is one of query ``i``'s correct targets (empty slots
+        included; callers mask them). Computed once a step and passed to :meth:`positives` and
+        :meth:`bias`."""
+        return (all_targets[:, :, None] == self.ids[None, None, :]).any(1)
+
+    def positives(self, all_targets: torch.Tensor, step: int, same: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, capacity]``: kept entries whose id is one of query ``i``'s correct targets
+        (``same``: :meth:`same_id`, when the caller has it already)."""
         kept = self.valid() & ~self._too_old(step) & torch.isfinite(self.log_age_weights(step))
-        return (all_targets[:, :, None] == self.ids[None, None, :]).any(1) & kept[None, :]
+        return (self.same_id(all_targets) if same is None else same) & kept[None, :]
 
     def bias(
         self,
@@ -387,6 +406,7 @@ class MemoryBank(nn.Module):
         batch_logits: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
         positive: torch.Tensor | None = None,
+        same: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, capacity]`` additive bias for the bank's logits ``scale * query @ emb.T``:
         ``log w_j`` for selected entries, ``-inf`` for empty, evicted, false-negative or
@@ -395,20 +415,20 @@ class MemoryBank(nn.Module):
         queries' momentum keys ``key [B, D]``, entries closer than it to the key are excluded too.
         With ``same_id_positive`` the entries of :meth:`positives` (``positive``, when the caller
         has it already) get ``log w_j`` (never selected away); the caller passes that mask to
-        :func:`bank_nce`."""
+        :func:`bank_nce`. ``same``: :meth:`same_id`, when the caller has it already."""
         with torch.no_grad():
             b = query.shape[0]
             sims = scale * query.detach() @ self.emb.t()
             lw = self.log_age_weights(step)
             bias = lw.expand(b, -1).clone()
             excluded = ~self.valid()[None, :] | self._too_old(step)[None, :]
-            same = (all_targets[:, :, None] == self.ids[None, None, :]).any(1)
+            same = self.same_id(all_targets) if same is None else same
             excluded = excluded | same
             if self.duplicate_cos is not None and key is not None:
                 excluded = excluded | (key.detach().to(self.emb.dtype) @ self.emb.t() > self.duplicate_cos)
             bias[excluded.expand(b, -1)] = float("-inf")
             if self.same_id_positive:
-                pos = self.positives(all_targets, step) if positive is None else positive
+                pos = self.positives(all_targets, step, same) if positive is None else positive
                 return torch.where(pos, lw.expand(b, -1), self._select(bias, sims, batch_logits))
             return self._select(bias, sims, batch_logits)
 
@@ -426,5 +446,15 @@ class MemoryBank(nn.Module):
             k = torch.ceil(n_bank * (self.min_fraction + (1 - self.min_fraction) * h.clamp(0, 1))).long()
             # keep each query's k hardest: everything below its k-th largest logit goes (a sort of
             # the values and a gather; ranking every entry by argsort + scatter cost twice as much)
-            kth = logits.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
+            m = logits.shape[1]
+            if self.select_sample is not None and m > self.select_sample:
+                # the same quantile in evenly spaced slots (every age of the ring): k_s / n_s = k / n
+                cols = torch.linspace(0, m - 1, self.select_sample, device=logits.device).round().long()
+                sample = logits[:, cols]
+                n_s = torch.isfinite(sample).sum(1)
+                k = torch.ceil(n_s * k / n_bank.clamp(min=1)).long()
+                logits_k = sample
+            else:
+                logits_k = logits
+            kth = logits_k.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
             return bias.masked_fill(logits < kth, float("-inf"))
