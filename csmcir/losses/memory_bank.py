@@ -241,7 +241,7 @@ class MemoryBank(nn.Module):
             many evenly spaced slots (the same quantile, ``k_i / n_i``, of a sample) instead of
             sorting all of them; ``None``: always exact. At 512 slots of 4096, 128 queries, one
             thread: the kept share moves by 1.4 points of the bank on average (7 at most) and the
-            selection takes 17.5 ms against the exact sort's 50.6 (docs/memory_bank.md).
+            selection takes 11-12 ms against the exact sort's 39-41 (docs/memory_bank.md).
     """
 
     def __init__(
