@@ -444,3 +444,15 @@ def test_fit_with_the_gated_bank_logs_its_gate_and_rank(easy_bench, tmp_path):
     assert all(math.isfinite(x) for x in col("train/loss_bank")) and col("train/bank_temperature")
     sd = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert float(sd["bank.gate.rate"]) >= 0 and float(sd["bank.gate.odometer"]) > 0 and "bank.logit_scale" in sd
+
+
+def test_keys_per_step_gives_the_bank_term_to_a_subset_and_writes_only_its_keys(easy_bench, tmp_path):
+    """keys_per_step: 4 of a 16-query batch take the bank term, so 6 steps write 24 keys (not 96),
+    every one the EMA key of a query's own target; without momentum keys it is a one-line error."""
+    rows = _fit_with_bank(easy_bench, tmp_path, '{"capacity": 256, "max_age": null, "half_life": null, "momentum": 0.9, "keys_per_step": 4}')
+    losses = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    sd = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert int((sd["bank.ids"] >= 0).sum()) == 24 and int(sd["bank.ptr"]) == 24
+    with pytest.raises(ValueError, match="keys_per_step.*momentum"):
+        MemoryBank(4, keys_per_step=2)

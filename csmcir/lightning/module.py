@@ -220,12 +220,13 @@ class CIRModule(L.LightningModule):
         mask = same_target_mask(torch.cat([target_rows, neg_rows]), b.all_targets)
         bank_terms = self._bank_terms(b, q, cand, mask, offset, features[:bs]) if self.bank is not None else None
         extra, extra_bias, key, positive = bank_terms if bank_terms is not None else (None, None, None, None)
+        nk = bs if key is None else key.shape[0]  # the queries that take the bank term (keys_per_step)
         bank_kw = {} if extra is None or key is not None else {"extra": extra, "extra_bias": extra_bias}
         loss = self.loss(q, cand, mask, query_offset=offset, **bank_kw)
         if key is not None:
             main_scale = self.loss.logit_scale.clamp(max=self.loss.max_log_scale)
-            l_bank = bank_nce(q, key, extra, extra_bias, self.bank.scale_param(main_scale), positive)
-            self.log("train/loss_bank", l_bank, batch_size=bs)
+            l_bank = bank_nce(q[:nk], key, extra, extra_bias, self.bank.scale_param(main_scale), positive)
+            self.log("train/loss_bank", l_bank, batch_size=nk)
             gate = self.bank.gate_weight(int(self.global_step))
             if self.bank.gate is not None:
                 self.log("train/bank_gate", gate, batch_size=bs)
@@ -233,7 +234,7 @@ class CIRModule(L.LightningModule):
                 self.log("train/bank_temperature", float(1 / self.bank.scale_param(main_scale).detach().exp()), batch_size=bs)
             loss = loss + self.bank.weight * gate * l_bank
         if self.bank is not None:
-            self._enqueue(t, target_rows, local_rows, key, gathered, bs)
+            self._enqueue(t, target_rows, local_rows[:nk], key, gathered, bs)
         if self.distill is not None:
             loss = loss + self._distill_loss(q, t[offset : offset + bs] if gathered else t, b, bs)
         if self._intent_pull:
@@ -255,25 +256,29 @@ class CIRModule(L.LightningModule):
         scale = self.loss.scale
         if self.bank.logit_scale is not None:  # its own temperature also ranks its entries
             scale = float(self.bank.scale_param(self.loss.logit_scale).detach().exp())
+        # with keys_per_step only the first nk queries (a random subset: batches are shuffled) take the term
+        nk = bs if self.ema_model is None or self.bank.keys_per_step is None else min(bs, self.bank.keys_per_step)
+        all_targets = b.all_targets[:nk]
         with torch.no_grad():
-            batch_logits = scale * q.detach() @ cand.detach().t()
-            fn = mask.clone()
-            fn[torch.arange(bs, device=fn.device), offset + torch.arange(bs, device=fn.device)] = False
+            batch_logits = scale * q[:nk].detach() @ cand.detach().t()
+            fn = mask[:nk].clone()
+            fn[torch.arange(nk, device=fn.device), offset + torch.arange(nk, device=fn.device)] = False
             batch_logits = batch_logits.masked_fill(fn, float("-inf"))
         key = None
         if self.ema_model is not None:
+            ids, att = b.caption_ids[:nk], b.caption_mask[:nk]
             with torch.no_grad():
                 if self.bank.momentum_keys == "qformer":  # the step's own target features, EMA Q-Former only
-                    key = self.ema_model.encode(b.caption_ids, b.caption_mask, image_features=target_features.detach(), side="target")
+                    key = self.ema_model.encode(ids, att, image_features=target_features[:nk].detach(), side="target")
                 else:
-                    key = self.ema_model.encode(b.caption_ids, b.caption_mask, pixels=b.target, side="target")
+                    key = self.ema_model.encode(ids, att, pixels=b.target[:nk], side="target")
         # the entries of a correct target, found once: excluded as negatives, and with
         # same_id_positive the bank term's positives
-        same = self.bank.same_id(b.all_targets)
-        positive = self.bank.positives(b.all_targets, step, same) if self.bank.same_id_positive else None
+        same = self.bank.same_id(all_targets)
+        positive = self.bank.positives(all_targets, step, same) if self.bank.same_id_positive else None
         # a copy: the enqueue after the loss writes the buffer before backward needs it
         extra = self.bank.emb.clone()
-        extra_bias = self.bank.bias(q, scale, b.all_targets, step, batch_logits, key=key, positive=positive, same=same)
+        extra_bias = self.bank.bias(q[:nk], scale, all_targets, step, batch_logits, key=key, positive=positive, same=same)
         self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
         return extra, extra_bias, key, positive
 
