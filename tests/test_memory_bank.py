@@ -449,7 +449,9 @@ def test_fit_with_the_gated_bank_logs_its_gate_and_rank(easy_bench, tmp_path):
 def test_keys_per_step_gives_the_bank_term_to_a_subset_and_writes_only_its_keys(easy_bench, tmp_path):
     """keys_per_step: 4 of a 16-query batch take the bank term, so 6 steps write 24 keys (not 96),
     every one the EMA key of a query's own target; without momentum keys it is a one-line error."""
-    rows = _fit_with_bank(easy_bench, tmp_path, '{"capacity": 256, "max_age": null, "half_life": null, "momentum": 0.9, "keys_per_step": 4}')
+    rows = _fit_with_bank(
+        easy_bench, tmp_path, '{"capacity": 256, "max_age": null, "half_life": null, "momentum": 0.9, "keys_per_step": 4}'
+    )
     losses = [float(r["train/loss_bank"]) for r in rows if r.get("train/loss_bank")]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     sd = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
