@@ -198,6 +198,11 @@ VARIANTS["pt_gated_bank_noentropy_eqtime"] = [*VARIANTS["pt_gated_bank_noentropy
 _GATED_K32 = {**_GATED, "keys_per_step": 32}
 VARIANTS["pt_gated_k32"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps(_GATED_K32)]
 VARIANTS["pt_gated_k32_noentropy"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps({**_GATED_K32, "min_fraction": 1.0})]
+# equal wall clock with the default's 819 steps (tools/throughput.py, 160-step fits alone, 2 repeats, 2026-12-03,
+# docs/results/throughput_bank_2026-12-03.json: the default 254.9 samples/s, the k32 gated bank 239.9 (+6.2 % a
+# step), without entropy selection 245.3 (+3.9 %), the full-key gated bank 214.1 (+19.0 %))
+VARIANTS["pt_gated_k32_eqtime"] = [*VARIANTS["pt_gated_k32"], "--trainer.max_steps", "771"]
+VARIANTS["pt_gated_k32_noentropy_eqtime"] = [*VARIANTS["pt_gated_k32_noentropy"], "--trainer.max_steps", "788"]
 # issue 21 at 2x the from-scratch wall clock (2 x 670 s = 1340 s, cache building included): the conv tower from
 # scratch at 10 epochs (1170 steps), the README default at 14 epochs (1638 steps = 2 x 819; its cold 7-epoch fit
 # took 757 s, 239 of them filling the cache, so 14 epochs are estimated at 1275 s, inside the budget). Its seed 0
