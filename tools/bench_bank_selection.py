@@ -7,7 +7,9 @@ A full bank of ``--capacity`` random unit embeddings, ``--batch`` queries whose 
 range from flat (entropy 1) to peaked (entropy ~0), so each keeps a different share. For
 ``select_sample`` null (the exact sort) and ``--sample``: the median time of
 ``MemoryBank._select`` and of the whole ``MemoryBank.bias``, and how far the kept share of each
-query moves against the exact one (points of the bank). Run it alone: it is a timing.
+query moves against the exact one (points of the bank). Then ``MemoryBank.same_id`` (the slots
+holding one of each query's ``--targets`` correct ids, as a lookup table) against the
+``[B, T, capacity]`` broadcast comparison it replaced. Run it alone: it is a timing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=512, help="select_sample of the sampled arm")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--targets", type=int, default=68, help="correct target ids per query (same_id; the synthetic train split pads to 68)")
+    p.add_argument("--ids", type=int, default=20000, help="ids are drawn from [0, --ids)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
@@ -55,6 +59,26 @@ def main() -> None:
         print(f"| {sample} | {1e3 * statistics.median(t_sel):.1f} | {1e3 * statistics.median(t_bias):.1f} | {kept[sample].mean():.0f} |")
     d = (kept[a.sample] - kept[None]).abs() / a.capacity * 100
     print(f"kept share against the exact sort: {d.mean():.2f} points of the bank on average, {d.max():.2f} at most")
+    bank = MemoryBank(a.dim, capacity=a.capacity, max_age=None, half_life=None)
+    bank.enqueue(emb, torch.randint(0, a.ids, (a.capacity,), generator=g), step=0)
+    targets = torch.randint(0, a.ids, (a.batch, a.targets), generator=g)
+    targets[:, -1] = -1  # padding, as in a batch whose queries have fewer correct targets
+    times = {}
+    for name, fn in (
+        ("lookup", lambda: bank.same_id(targets)),
+        ("broadcast", lambda: (targets[:, :, None] == bank.ids[None, None, :]).any(1)),
+    ):
+        t = []
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            out = fn()
+            t.append(time.perf_counter() - t0)
+        times[name] = (1e3 * statistics.median(t), out)
+    assert torch.equal(times["lookup"][1], times["broadcast"][1])
+    print(
+        f"same_id ({a.batch} queries x {a.capacity} slots, {a.targets} targets each): lookup {times['lookup'][0]:.2f} ms, "
+        f"broadcast comparison {times['broadcast'][0]:.2f} ms, identical masks"
+    )
 
 
 if __name__ == "__main__":
