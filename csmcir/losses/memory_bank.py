@@ -400,8 +400,8 @@ class MemoryBank(nn.Module):
         """``[B, capacity]``: slots whose id is one of query ``i``'s correct targets (empty slots
         included; callers mask them). Computed once a step and passed to :meth:`positives` and
         :meth:`bias`. A lookup table ``[B, max id + 2]`` marked at each query's targets, read at
-        the slots' ids (the ``[B, T, capacity]`` comparison it replaces took 42 ms a step at
-        128 x 4096, docs/memory_bank.md)."""
+        the slots' ids (the ``[B, T, capacity]`` comparison it replaces took 62-99 ms against 2-4
+        at 128 x 4096 with the synthetic train split's T = 68, one thread, docs/memory_bank.md)."""
         b = all_targets.shape[0]
         n = int(max(int(all_targets.max()) if all_targets.numel() else -1, int(self.ids.max()))) + 2
         table = torch.zeros(b, n, dtype=torch.bool, device=self.ids.device)
