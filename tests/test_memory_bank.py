@@ -458,3 +458,16 @@ def test_keys_per_step_gives_the_bank_term_to_a_subset_and_writes_only_its_keys(
     assert int((sd["bank.ids"] >= 0).sum()) == 24 and int(sd["bank.ptr"]) == 24
     with pytest.raises(ValueError, match="keys_per_step.*momentum"):
         MemoryBank(4, keys_per_step=2)
+
+
+def test_anneal_from_lets_the_bank_term_fall_to_zero_at_the_last_step(easy_bench, tmp_path):
+    """anneal_from: 0.5 of a 6-step fit keeps the bank term at full weight for steps 0-3 and then
+    falls linearly, 2/3 and 1/3 at steps 4 and 5 (0 would be step 6); out-of-range values are a one-line error."""
+    b = MemoryBank(4, momentum=0.9, anneal_from=0.5)
+    assert [b.anneal(s, 100) for s in (0, 50, 75, 100)] == [1.0, 1.0, 0.5, 0.0]
+    assert MemoryBank(4, momentum=0.9).anneal(99, 100) == 1.0
+    rows = _fit_with_bank(easy_bench, tmp_path, '{"capacity": 64, "max_age": null, "half_life": null, "momentum": 0.9, "anneal_from": 0.5}')
+    anneal = [float(r["train/bank_anneal"]) for r in rows if r.get("train/bank_anneal")]
+    assert anneal == pytest.approx([1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="anneal_from"):
+        MemoryBank(4, momentum=0.9, anneal_from=1.0)

@@ -212,6 +212,15 @@ VARIANTS["pt_gated_k32_w05_eqtime"] = [
     "--trainer.max_steps",
     "771",
 ]
+# ... and at full weight for the first half of the fit, then falling linearly to 0 at the last step (anneal_from):
+# the bank's negatives early, the in-batch loss alone at the end; the same cost a step
+VARIANTS["pt_gated_k32_anneal_eqtime"] = [
+    *VARIANTS["intent_task"],
+    "--model.memory_bank",
+    json.dumps({**_GATED_K32, "anneal_from": 0.5}),
+    "--trainer.max_steps",
+    "771",
+]
 # issue 21 at 2x the from-scratch wall clock (2 x 670 s = 1340 s, cache building included): the conv tower from
 # scratch at 10 epochs (1170 steps), the README default at 14 epochs (1638 steps = 2 x 819; its cold 7-epoch fit
 # took 757 s, 239 of them filling the cache, so 14 epochs are estimated at 1275 s, inside the budget). Its seed 0

@@ -232,7 +232,11 @@ class CIRModule(L.LightningModule):
                 self.log("train/bank_gate", gate, batch_size=bs)
             if self.bank.logit_scale is not None:
                 self.log("train/bank_temperature", float(1 / self.bank.scale_param(main_scale).detach().exp()), batch_size=bs)
-            loss = loss + self.bank.weight * gate * l_bank
+            anneal = 1.0
+            if self.bank.anneal_from is not None:  # the fit's own length (max_steps or epochs)
+                anneal = self.bank.anneal(int(self.global_step), max(1, int(self.trainer.estimated_stepping_batches)))
+                self.log("train/bank_anneal", anneal, batch_size=bs)
+            loss = loss + self.bank.weight * gate * anneal * l_bank
         if self.bank is not None:
             self._enqueue(t, target_rows, local_rows[:nk], key, gathered, bs)
         if self.distill is not None:

@@ -88,6 +88,7 @@ class MemoryBankConfig:
     backoff_steps: int = 100
     select_sample: int | None = 512
     keys_per_step: int | None = None
+    anneal_from: float | None = None
 
     def build(self, dim: int) -> MemoryBank:
         return MemoryBank(dim, **asdict(self))
@@ -249,6 +250,8 @@ class MemoryBank(nn.Module):
             are shuffled: a random subset) take the bank term, so the EMA encodes only their
             targets and only those keys enter the bank; the key pass, the selection and the term
             cost that share of a full batch's. ``None``: every query.
+        anneal_from: from this share of the fit's steps on (e.g. ``0.5``), the bank term's weight
+            falls linearly to 0 at the last step (:meth:`anneal`); ``None``: constant.
     """
 
     def __init__(
@@ -273,8 +276,12 @@ class MemoryBank(nn.Module):
         backoff_steps: int = 100,
         select_sample: int | None = 512,
         keys_per_step: int | None = None,
+        anneal_from: float | None = None,
     ):
         super().__init__()
+        if anneal_from is not None and not 0 <= anneal_from < 1:
+            raise ConfigError(f"memory bank anneal_from must lie in [0, 1) or be null, got {anneal_from}")
+        self.anneal_from = anneal_from
         if select_sample is not None and select_sample < 1:
             raise ConfigError(f"memory bank select_sample must be >= 1 or null, got {select_sample}")
         self.select_sample = select_sample
@@ -371,6 +378,14 @@ class MemoryBank(nn.Module):
             return torch.zeros_like(self.emb[:, 0])
         age = (int(step) - self.steps).clamp(min=0).to(self.emb.dtype)
         return -age / self.half_life * math.log(2.0)
+
+    def anneal(self, step: int, total_steps: int) -> float:
+        """The bank term's scheduled weight factor at ``step`` of ``total_steps``: 1 up to
+        ``anneal_from * total_steps``, then falling linearly to 0 at the last step."""
+        if self.anneal_from is None:
+            return 1.0
+        start = self.anneal_from * total_steps
+        return min(1.0, max(0.0, (total_steps - step) / max(total_steps - start, 1.0)))
 
     def gate_weight(self, step: int) -> float:
         """The bank term's weight factor ``g``: 1 without the gate; with it, the kept entries'
