@@ -221,6 +221,20 @@ VARIANTS["pt_gated_k32_anneal_eqtime"] = [
     "--trainer.max_steps",
     "771",
 ]
+# issue 22 from scratch (the conv tower trained, 5 epochs, "scratch" is the in-batch control): the same banks
+# with EMA tower keys (a trained tower's keys need the EMA vision pass too; momentum_keys qformer is refused)
+_TOWER = {"momentum_keys": "tower"}
+VARIANTS["scratch_momentum_bank"] = [
+    *VARIANTS["scratch"],
+    "--model.memory_bank",
+    json.dumps({**_MOMENTUM_PT, **_TOWER, "min_fraction": 1.0}),
+]
+VARIANTS["scratch_gated_k32"] = [*VARIANTS["scratch"], "--model.memory_bank", json.dumps({**_GATED_K32, **_TOWER})]
+VARIANTS["scratch_gated_k32_noentropy"] = [
+    *VARIANTS["scratch"],
+    "--model.memory_bank",
+    json.dumps({**_GATED_K32, **_TOWER, "min_fraction": 1.0}),
+]
 # issue 21 at 2x the from-scratch wall clock (2 x 670 s = 1340 s, cache building included): the conv tower from
 # scratch at 10 epochs (1170 steps), the README default at 14 epochs (1638 steps = 2 x 819; its cold 7-epoch fit
 # took 757 s, 239 of them filling the cache, so 14 epochs are estimated at 1275 s, inside the budget). Its seed 0
