@@ -251,7 +251,7 @@ class MemoryBank(nn.Module):
             targets and only those keys enter the bank; the key pass, the selection and the term
             cost that share of a full batch's. ``None``: every query.
         anneal_from: from this share of the fit's steps on (e.g. ``0.5``), the bank term's weight
-            falls linearly to 0 at the last step (:meth:`anneal`); ``None``: constant.
+            falls linearly, reaching 0 at the fit's step count (:meth:`anneal`); ``None``: constant.
     """
 
     def __init__(
@@ -381,7 +381,8 @@ class MemoryBank(nn.Module):
 
     def anneal(self, step: int, total_steps: int) -> float:
         """The bank term's scheduled weight factor at ``step`` of ``total_steps``: 1 up to
-        ``anneal_from * total_steps``, then falling linearly to 0 at the last step."""
+        ``anneal_from * total_steps``, then falling linearly to 0 at ``total_steps`` (the last
+        step, ``total_steps - 1``, keeps ``1 / ((1 - anneal_from) * total_steps)`` of it)."""
         if self.anneal_from is None:
             return 1.0
         start = self.anneal_from * total_steps
