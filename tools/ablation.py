@@ -212,7 +212,7 @@ VARIANTS["pt_gated_k32_w05_eqtime"] = [
     "--trainer.max_steps",
     "771",
 ]
-# ... and at full weight for the first half of the fit, then falling linearly to 0 at the last step (anneal_from):
+# ... and at full weight for the first half of the fit, then falling linearly towards 0 at its end (anneal_from):
 # the bank's negatives early, the in-batch loss alone at the end; the same cost a step
 VARIANTS["pt_gated_k32_anneal_eqtime"] = [
     *VARIANTS["intent_task"],
