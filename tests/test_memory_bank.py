@@ -471,3 +471,37 @@ def test_anneal_from_lets_the_bank_term_fall_to_zero_at_the_last_step(easy_bench
     assert anneal == pytest.approx([1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3])
     with pytest.raises(ValueError, match="anneal_from"):
         MemoryBank(4, momentum=0.9, anneal_from=1.0)
+
+
+def test_bfloat16_keys_match_float32_keys_and_train_through_the_cli(easy_bench, tmp_path):
+    """key_dtype: bfloat16 runs the EMA key pass under autocast: the keys come back float32, unit
+    length, within rounding of the float32 pass; a gated fit with its drift probe trains; and the
+    setting is refused without momentum keys or with an unknown name."""
+    from csmcir.lightning.module import CIRModule
+
+    m = CIRModule(net=NetworkSpec(model="tiny", freeze_vision=True), memory_bank={"capacity": 16, "momentum": 0.9, "key_dtype": "bfloat16"})
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    ids, att = torch.randint(5, 100, (8, 7)), torch.ones(8, 7, dtype=torch.long)
+    enc = lambda: m.ema_model.encode(ids, att, pixels=pixels, side="target")  # noqa: E731
+    bf16 = m.bank.encode_keys(enc, "cpu")
+    m.bank.key_dtype = "float32"
+    fp32 = m.bank.encode_keys(enc, "cpu")
+    assert bf16.dtype == torch.float32 and not bf16.requires_grad
+    torch.testing.assert_close(bf16.norm(dim=1), torch.ones(8))
+    cos = (bf16 * fp32).sum(1)
+    assert float((1 - cos).max()) < 1e-2 and not torch.equal(bf16, fp32)  # rounded, not recomputed in float32
+    rows = _fit_with_bank(
+        easy_bench,
+        tmp_path,
+        '{"capacity": 64, "max_age": null, "half_life": null, "momentum": 0.9, "gate": true, "drift_every": 2, "key_dtype": "bfloat16"}',
+    )
+    assert len([r for r in rows if r.get("train/loss_bank")]) == 6 and [r for r in rows if r.get("train/bank_drift")]
+    sd = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    kept = sd["bank.emb"][sd["bank.ids"] >= 0]
+    assert sd["bank.emb"].dtype == torch.float32 and len(kept) == 64
+    torch.testing.assert_close(kept.norm(dim=1), torch.ones(len(kept)))
+    with pytest.raises(ValueError, match="key_dtype applies to momentum keys"):
+        MemoryBank(4, key_dtype="bfloat16")
+    with pytest.raises(ValueError, match="key_dtype must be one of"):
+        MemoryBank(4, momentum=0.9, key_dtype="float16")

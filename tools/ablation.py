@@ -203,6 +203,19 @@ VARIANTS["pt_gated_k32_noentropy"] = [*VARIANTS["intent_task"], "--model.memory_
 # step), without entropy selection 245.3 (+3.9 %), the full-key gated bank 214.1 (+19.0 %))
 VARIANTS["pt_gated_k32_eqtime"] = [*VARIANTS["pt_gated_k32"], "--trainer.max_steps", "771"]
 VARIANTS["pt_gated_k32_noentropy_eqtime"] = [*VARIANTS["pt_gated_k32_noentropy"], "--trainer.max_steps", "788"]
+# the full-key gated bank (every query takes the term) at its equal-wall-clock share after the 2026-12-02 cuts
+# (the same 2026-12-03 measurement: 214.1 samples/s, +19.0 % a step, 688 steps); its 628-step arm above used the
+# exact sort and the older cost
+VARIANTS["pt_gated_bank_eqtime688"] = [*VARIANTS["pt_gated_bank"], "--trainer.max_steps", "688"]
+# the full-key gated bank with its EMA key pass (and drift probe) in bfloat16 autocast (key_dtype): the key pass is
+# most of the bank's cost, and this machine's CPU has AVX-512 BF16 units
+_GATED_BF16 = {**_GATED, "key_dtype": "bfloat16"}
+VARIANTS["pt_gated_bank_bf16"] = [*VARIANTS["intent_task"], "--model.memory_bank", json.dumps(_GATED_BF16)]
+VARIANTS["pt_gated_bank_bf16_noentropy"] = [
+    *VARIANTS["intent_task"],
+    "--model.memory_bank",
+    json.dumps({**_GATED_BF16, "min_fraction": 1.0}),
+]
 # the k32 bank lost held-out R@1 on the mean at equal wall clock (docs/memory_bank.md): the same at half the bank
 # term's weight, the same cost a step
 VARIANTS["pt_gated_k32_w05_eqtime"] = [

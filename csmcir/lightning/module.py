@@ -271,11 +271,12 @@ class CIRModule(L.LightningModule):
         key = None
         if self.ema_model is not None:
             ids, att = b.caption_ids[:nk], b.caption_mask[:nk]
-            with torch.no_grad():
-                if self.bank.momentum_keys == "qformer":  # the step's own target features, EMA Q-Former only
-                    key = self.ema_model.encode(ids, att, image_features=target_features[:nk].detach(), side="target")
-                else:
-                    key = self.ema_model.encode(ids, att, pixels=b.target[:nk], side="target")
+            if self.bank.momentum_keys == "qformer":  # the step's own target features, EMA Q-Former only
+                feats = target_features[:nk].detach()
+                key = self.bank.encode_keys(lambda: self.ema_model.encode(ids, att, image_features=feats, side="target"), self.device.type)
+            else:
+                pixels = b.target[:nk]
+                key = self.bank.encode_keys(lambda: self.ema_model.encode(ids, att, pixels=pixels, side="target"), self.device.type)
         # the entries of a correct target, found once: excluded as negatives, and with
         # same_id_positive the bank term's positives
         same = self.bank.same_id(all_targets)
@@ -350,11 +351,14 @@ class CIRModule(L.LightningModule):
         n = int(store.caption_lengths[rows].max())
         ids = store.caption_ids[rows, :n].long().to(self.device)
         mask = (torch.arange(n)[None, :] < store.caption_lengths[rows][:, None]).long().to(self.device)
-        encoder = self.model if self.ema_model is None else self.ema_model  # the encoder that made the entries
-        if self.ema_model is not None and self.bank.momentum_keys == "qformer":  # its vision side is the trained tower
-            fresh = encoder.encode(ids, mask, image_features=self.model.encode_image(store.images[rows].to(self.device)), side="target")
-        else:
-            fresh = encoder.encode(ids, mask, pixels=store.images[rows].to(self.device), side="target")
+        pixels = store.images[rows].to(self.device)
+        if self.ema_model is None:  # the trained model made the entries
+            fresh = self.model.encode(ids, mask, pixels=pixels, side="target")
+        elif self.bank.momentum_keys == "qformer":  # the EMA Q-Former over the (frozen) trained tower's features
+            feats = self.model.encode_image(pixels)
+            fresh = self.bank.encode_keys(lambda: self.ema_model.encode(ids, mask, image_features=feats, side="target"), self.device.type)
+        else:  # the key encoder, at the keys' own precision
+            fresh = self.bank.encode_keys(lambda: self.ema_model.encode(ids, mask, pixels=pixels, side="target"), self.device.type)
         return self.bank.drift(slots, fresh, int(self.global_step))
 
     def optimizer_step(self, *args, **kwargs):

@@ -60,6 +60,8 @@ from ..errors import ConfigError
 # the bank term's own temperature stays in ALBEF's range (its learnable tau is clamped to [0.001, 0.5];
 # 0.01 is the main loss's clamp here)
 TEMPERATURE_BOUNDS = (0.01, 0.5)
+# the key pass's precision (``key_dtype``): name -> the autocast dtype (None: no autocast)
+KEY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 __all__ = ["MemoryBank", "MemoryBankConfig", "DriftGate", "bank_nce", "effective_rank"]
 
@@ -89,6 +91,7 @@ class MemoryBankConfig:
     select_sample: int | None = 512
     keys_per_step: int | None = None
     anneal_from: float | None = None
+    key_dtype: str = "float32"
 
     def build(self, dim: int) -> MemoryBank:
         return MemoryBank(dim, **asdict(self))
@@ -252,6 +255,12 @@ class MemoryBank(nn.Module):
             cost that share of a full batch's. ``None``: every query.
         anneal_from: from this share of the fit's steps on (e.g. ``0.5``), the bank term's weight
             falls linearly, reaching 0 at the fit's step count (:meth:`anneal`); ``None``: constant.
+        key_dtype: with ``momentum``, the precision of the EMA encoder's key pass and of the drift
+            probe's re-encoding: ``"float32"`` (default) or ``"bfloat16"`` (autocast; the keys are
+            stored in float32, L2-normalised again). The key pass is no-grad, so only the keys'
+            rounding changes: on the synthetic default 1 - cos to the float32 key is 2e-4 on average
+            (docs/memory_bank.md). Faster where the device has bfloat16 units (GPUs, recent x86
+            CPUs with AVX-512 BF16 or AMX); slower on CPUs without them.
     """
 
     def __init__(
@@ -277,8 +286,14 @@ class MemoryBank(nn.Module):
         select_sample: int | None = 512,
         keys_per_step: int | None = None,
         anneal_from: float | None = None,
+        key_dtype: str = "float32",
     ):
         super().__init__()
+        if key_dtype not in KEY_DTYPES:
+            raise ConfigError(f"memory bank key_dtype must be one of {sorted(KEY_DTYPES)}, got {key_dtype!r}")
+        if key_dtype != "float32" and momentum is None:
+            raise ConfigError("memory bank key_dtype applies to momentum keys only (set momentum, e.g. 0.995)")
+        self.key_dtype = key_dtype
         if anneal_from is not None and not 0 <= anneal_from < 1:
             raise ConfigError(f"memory bank anneal_from must lie in [0, 1) or be null, got {anneal_from}")
         self.anneal_from = anneal_from
@@ -321,6 +336,14 @@ class MemoryBank(nn.Module):
         if self.logit_scale is None:
             return fallback
         return self.logit_scale.clamp(math.log(1 / TEMPERATURE_BOUNDS[1]), math.log(1 / TEMPERATURE_BOUNDS[0]))
+
+    def encode_keys(self, encode, device_type: str) -> torch.Tensor:
+        """``encode()`` (the key encoder's pass, a no-argument callable) under no grad at
+        ``key_dtype``; the keys come back in float32, L2-normalised."""
+        dtype = KEY_DTYPES[self.key_dtype]
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            keys = encode()
+        return keys if dtype is None else nn.functional.normalize(keys.float(), dim=-1)
 
     # -- contents ----------------------------------------------------------------------------
     @torch.no_grad()
