@@ -207,6 +207,9 @@ VARIANTS["pt_gated_k32_noentropy_eqtime"] = [*VARIANTS["pt_gated_k32_noentropy"]
 # (the same 2026-12-03 measurement: 214.1 samples/s, +19.0 % a step, 688 steps); its 628-step arm above used the
 # exact sort and the older cost
 VARIANTS["pt_gated_bank_eqtime688"] = [*VARIANTS["pt_gated_bank"], "--trainer.max_steps", "688"]
+# ... and on 2026-12-03's evening machine (tools/throughput.py, 160-step fits alone, 2 repeats: the default 187.6
+# samples/s, the full-key gated bank 167.6, +11.9 % a step): 732 steps
+VARIANTS["pt_gated_bank_eqtime732"] = [*VARIANTS["pt_gated_bank"], "--trainer.max_steps", "732"]
 # the full-key gated bank with its EMA key pass (and drift probe) in bfloat16 autocast (key_dtype): the key pass is
 # most of the bank's cost, and this machine's CPU has AVX-512 BF16 units
 _GATED_BF16 = {**_GATED, "key_dtype": "bfloat16"}
@@ -242,6 +245,7 @@ VARIANTS["scratch_momentum_bank"] = [
     "--model.memory_bank",
     json.dumps({**_MOMENTUM_PT, **_TOWER, "min_fraction": 1.0}),
 ]
+VARIANTS["scratch_gated_bank"] = [*VARIANTS["scratch"], "--model.memory_bank", json.dumps({**_GATED, **_TOWER})]
 VARIANTS["scratch_gated_k32"] = [*VARIANTS["scratch"], "--model.memory_bank", json.dumps({**_GATED_K32, **_TOWER})]
 VARIANTS["scratch_gated_k32_noentropy"] = [
     *VARIANTS["scratch"],
