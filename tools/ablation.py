@@ -210,6 +210,10 @@ VARIANTS["pt_gated_bank_eqtime688"] = [*VARIANTS["pt_gated_bank"], "--trainer.ma
 # ... and on 2026-12-03's evening machine (tools/throughput.py, 160-step fits alone, 2 repeats: the default 187.6
 # samples/s, the full-key gated bank 167.6, +11.9 % a step): 732 steps
 VARIANTS["pt_gated_bank_eqtime732"] = [*VARIANTS["pt_gated_bank"], "--trainer.max_steps", "732"]
+# ... but in the full fits the bank trained at 165.0 samples/s against the default's 197.9 (its warm fits, seeds 1-4):
+# +19.9 % a step, so the 732-step fits took 609 s against 573. A step's time from those samples/s plus a fixed 43 s
+# of set-up and validation give 682 steps for equal fit time; 678 (from seeds 0-3's figures) is 0.6 % under it
+VARIANTS["pt_gated_bank_eqtime678"] = [*VARIANTS["pt_gated_bank"], "--trainer.max_steps", "678"]
 # the full-key gated bank with its EMA key pass (and drift probe) in bfloat16 autocast (key_dtype): the key pass is
 # most of the bank's cost, and this machine's CPU has AVX-512 BF16 units
 _GATED_BF16 = {**_GATED, "key_dtype": "bfloat16"}
