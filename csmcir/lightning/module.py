@@ -272,12 +272,7 @@ class CIRModule(L.LightningModule):
         key = None
         if self.ema_model is not None:
             ids, att = b.caption_ids[:nk], b.caption_mask[:nk]
-            if self.bank.momentum_keys == "qformer":  # the step's own target features, EMA Q-Former only
-                feats = target_features[:nk].detach()
-                key = self.bank.encode_keys(lambda: self.ema_model.encode(ids, att, image_features=feats, side="target"), self.device.type)
-            else:
-                pixels = b.target[:nk]
-                key = self.bank.encode_keys(lambda: self.ema_model.encode(ids, att, pixels=pixels, side="target"), self.device.type)
+            key = self._ema_keys(ids, att, b.target[:nk], features=target_features[:nk].detach())
         # the entries of a correct target, found once: excluded as negatives, and with
         # same_id_positive the bank term's positives
         same = self.bank.same_id(all_targets)
@@ -355,12 +350,18 @@ class CIRModule(L.LightningModule):
         pixels = store.images[rows].to(self.device)
         if self.ema_model is None:  # the trained model made the entries
             fresh = self.model.encode(ids, mask, pixels=pixels, side="target")
-        elif self.bank.momentum_keys == "qformer":  # the EMA Q-Former over the (frozen) trained tower's features
-            feats = self.model.encode_image(pixels)
-            fresh = self.bank.encode_keys(lambda: self.ema_model.encode(ids, mask, image_features=feats, side="target"), self.device.type)
-        else:  # the key encoder, at the keys' own precision
-            fresh = self.bank.encode_keys(lambda: self.ema_model.encode(ids, mask, pixels=pixels, side="target"), self.device.type)
+        else:
+            fresh = self._ema_keys(ids, mask, pixels)
         return self.bank.drift(slots, fresh, int(self.global_step))
+
+    def _ema_keys(self, ids, mask, pixels, features=None) -> torch.Tensor:
+        """Target keys from the EMA encoder at the bank's ``key_dtype``. Q-Former keys read the
+        trained (frozen) tower's image ``features`` (computed from ``pixels`` when not given);
+        tower keys run the EMA copy's own vision tower on ``pixels``."""
+        if self.bank.momentum_keys == "qformer":
+            feats = self.model.encode_image(pixels) if features is None else features
+            return self.bank.encode_keys(lambda: self.ema_model.encode(ids, mask, image_features=feats, side="target"), self.device.type)
+        return self.bank.encode_keys(lambda: self.ema_model.encode(ids, mask, pixels=pixels, side="target"), self.device.type)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
