@@ -282,6 +282,7 @@ def test_qformer_momentum_keys_need_a_frozen_tower(easy_bench, tmp_path, capsys)
     with pytest.raises(ValueError, match="frozen vision tower.*momentum_keys: tower"):
         CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"})
     CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "tower"})
+    CIRModule(net=TINY, memory_bank={"capacity": 16, "momentum": 0.9})  # auto: tower keys here
     capsys.readouterr()
     args = fit_args(easy_bench, tmp_path, "--model.memory_bank", '{"capacity": 16, "momentum": 0.9, "momentum_keys": "qformer"}')
     assert main(args) == 2
@@ -289,6 +290,34 @@ def test_qformer_momentum_keys_need_a_frozen_tower(easy_bench, tmp_path, capsys)
     assert err[-1].startswith("error: invalid configuration: model.memory_bank.momentum_keys: qformer needs a frozen")
     assert "Traceback" not in "\n".join(err)
     assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_auto_momentum_keys_follow_the_tower():
+    """momentum_keys auto (the default): EMA Q-Former keys over a frozen tower (no EMA vision copy
+    to run), whole-tower keys when the tower trains, so one bank setting serves both regimes."""
+    from csmcir.lightning.module import CIRModule
+
+    bank = {"capacity": 16, "momentum": 0.9}
+    frozen = CIRModule(net=NetworkSpec(model="tiny", freeze_vision=True), memory_bank=bank)
+    assert frozen.bank.momentum_keys == "qformer" and not list(frozen.ema_model.vision.parameters())
+    trained = CIRModule(net=TINY, memory_bank=bank)
+    assert trained.bank.momentum_keys == "tower"
+    assert [n for n, _ in trained.ema_model.vision.named_parameters()] == [n for n, _ in trained.model.vision.named_parameters()]
+
+
+def test_the_drift_gated_preset_is_the_measured_arm():
+    """MemoryBankConfig.drift_gated() is the bank the docs measure (tools/ablation.py's pt_gated_bank,
+    whose explicit qformer keys are what auto picks over its frozen tower); changes apply on top."""
+    import runpy
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from csmcir.losses import MemoryBankConfig
+
+    measured = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "ablation.py"))["_GATED"]
+    assert asdict(MemoryBankConfig.drift_gated()) == asdict(MemoryBankConfig(**{**measured, "momentum_keys": "auto"}))
+    tweaked = MemoryBankConfig.drift_gated(key_dtype="bfloat16", capacity=1024)
+    assert (tweaked.key_dtype, tweaked.capacity, tweaked.gate) == ("bfloat16", 1024, True)
 
 
 def test_qformer_keys_equal_tower_keys_on_a_frozen_tower(easy_bench, tmp_path):
@@ -479,7 +508,10 @@ def test_bfloat16_keys_match_float32_keys_and_train_through_the_cli(easy_bench, 
     setting is refused without momentum keys or with an unknown name."""
     from csmcir.lightning.module import CIRModule
 
-    m = CIRModule(net=NetworkSpec(model="tiny", freeze_vision=True), memory_bank={"capacity": 16, "momentum": 0.9, "key_dtype": "bfloat16"})
+    m = CIRModule(
+        net=NetworkSpec(model="tiny", freeze_vision=True),
+        memory_bank={"capacity": 16, "momentum": 0.9, "momentum_keys": "tower", "key_dtype": "bfloat16"},
+    )
     torch.manual_seed(0)
     pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     ids, att = torch.randint(5, 100, (8, 7)), torch.ones(8, 7, dtype=torch.long)

@@ -63,8 +63,9 @@ class CIRModule(L.LightningModule):
         memory_bank: ``null`` (default: in-batch negatives only) or a
             :class:`~csmcir.losses.MemoryBankConfig`: target embeddings of earlier steps as extra
             negatives, weighted by age and selected by each query's entropy; ``momentum`` makes an
-            EMA copy encode them (``momentum_keys: qformer``: only its Q-Former, on the step's own
-            image features; frozen vision towers only); ``gate`` weights entries by the measured drift.
+            EMA copy encode them (``momentum_keys: auto``, the default: only its Q-Former, on the
+            step's own image features, while the vision tower is frozen; the whole tower when it
+            trains); ``gate`` weights entries by the measured drift.
             Off by default: banks of the trained model's own old targets collapse training; the
             drift-gated bank with every key wins test and held-out R@1 over the frozen tower but
             costs 12 to 20 % more a step (docs/memory_bank.md).
@@ -140,6 +141,8 @@ class CIRModule(L.LightningModule):
         # checkpoints as ema_model.*; inference reads model.* only)
         self.ema_model = None
         if self.bank is not None and self.bank.momentum is not None:
+            if self.bank.momentum_keys == "auto":  # keys follow the tower: no EMA vision pass while it is frozen
+                self.bank.momentum_keys = "tower" if self._vision_trains() else "qformer"
             qformer_keys = self.bank.momentum_keys == "qformer"
             if qformer_keys and self._vision_trains():
                 # measured: keys that pair a trained tower's current features with an EMA Q-Former let

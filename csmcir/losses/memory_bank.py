@@ -50,7 +50,7 @@ The bank never imports Lightning; the LightningModule gathers embeddings across 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ class MemoryBankConfig:
     drift_sample: int = 64
     momentum: float | None = None
     weight: float = 1.0
-    momentum_keys: str = "tower"
+    momentum_keys: str = "auto"
     gate: bool = False
     drift_half: float = 0.05
     max_drift: float = 0.2
@@ -95,6 +95,27 @@ class MemoryBankConfig:
 
     def build(self, dim: int) -> MemoryBank:
         return MemoryBank(dim, **asdict(self))
+
+    @classmethod
+    def drift_gated(cls, **changes) -> MemoryBankConfig:
+        """The drift-gated bank measured in docs/memory_bank.md (``pt_gated_bank`` in
+        tools/ablation.py), with ``changes`` applied: EMA keys (momentum 0.995, ``auto``), a bank
+        term of its own whose positives include same-id entries, gated and backed off by the
+        measured drift and rank (probed every 10 steps), temperature 0.07, 4096 entries of any age,
+        entropy selection down to a quarter of them per query."""
+        base = cls(
+            capacity=4096,
+            max_age=None,
+            half_life=None,
+            min_fraction=0.25,
+            drift_every=10,
+            momentum=0.995,
+            gate=True,
+            same_id_positive=True,
+            duplicate_cos=0.95,
+            temperature=0.07,
+        )
+        return replace(base, **changes)
 
 
 def bank_nce(
@@ -228,7 +249,9 @@ class MemoryBank(nn.Module):
         momentum: ``None`` (entries are the trained model's targets, extra negatives of the main
             loss) or the EMA momentum of a key encoder (e.g. 0.99; see the module docstring).
         weight: weight of the :func:`bank_nce` term (with ``momentum``).
-        momentum_keys: with ``momentum``, what the EMA copy covers. ``"tower"`` (default): the whole
+        momentum_keys: with ``momentum``, what the EMA copy covers. ``"auto"`` (default):
+            ``"qformer"`` when the vision tower is frozen, ``"tower"`` when it trains
+            (:class:`CIRModule` decides). ``"tower"``: the whole
             tower, vision included, re-encodes each target image for its key. ``"qformer"``: the
             EMA Q-Former (with its query tokens, text embeddings and projection) reads the image
             features the step already computed with the trained vision tower, so a key costs one
@@ -275,7 +298,7 @@ class MemoryBank(nn.Module):
         drift_sample: int = 64,
         momentum: float | None = None,
         weight: float = 1.0,
-        momentum_keys: str = "tower",
+        momentum_keys: str = "auto",
         gate: bool = False,
         drift_half: float = 0.05,
         max_drift: float = 0.2,
@@ -312,8 +335,8 @@ class MemoryBank(nn.Module):
             raise ConfigError(f"memory bank duplicate_cos must be in (-1, 1] or null, got {duplicate_cos}")
         if momentum is not None and not 0 <= momentum < 1:
             raise ConfigError("memory bank momentum must be in [0, 1) or null")
-        if momentum_keys not in ("tower", "qformer"):
-            raise ConfigError(f"memory bank momentum_keys must be 'tower' or 'qformer', got {momentum_keys!r}")
+        if momentum_keys not in ("auto", "tower", "qformer"):
+            raise ConfigError(f"memory bank momentum_keys must be 'auto', 'tower' or 'qformer', got {momentum_keys!r}")
         self.momentum, self.weight, self.momentum_keys = momentum, float(weight), momentum_keys
         if capacity < 1 or (max_age is not None and max_age < 0) or (half_life is not None and half_life <= 0) or not 0 < min_fraction <= 1:
             raise ConfigError("memory bank needs capacity >= 1, max_age >= 0 or null, half_life > 0 or null, 0 < min_fraction <= 1")
