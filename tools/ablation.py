@@ -223,6 +223,12 @@ VARIANTS["pt_gated_bank_bf16_noentropy"] = [
     "--model.memory_bank",
     json.dumps({**_GATED_BF16, "min_fraction": 1.0}),
 ]
+# at strictly equal time (678 steps) the fp32 bank lost held-out R@1 on seeds 2 and 4 (3 of 5 won, 2026-12-04):
+# the bfloat16 key pass at its own equal-time share. In the full fits the fp32 bank trained at 165.0 samples/s
+# against the default's 197.9; the interleaved run put bfloat16 keys 3.5 % faster a step than fp32 (173.5 against
+# 167.6), so about 170.8 in a full fit: 819 * 197.9 / 128 s of the default's training (plus the same 43 s of
+# set-up and validation) holds 707 such steps; 705, to stay under
+VARIANTS["pt_gated_bank_bf16_eqtime705"] = [*VARIANTS["pt_gated_bank_bf16"], "--trainer.max_steps", "705"]
 # the k32 bank lost held-out R@1 on the mean at equal wall clock (docs/memory_bank.md): the same at half the bank
 # term's weight, the same cost a step
 VARIANTS["pt_gated_k32_w05_eqtime"] = [
