@@ -52,6 +52,10 @@ def fit_args(root, out, *extra: str) -> list[str]:
         # test freezes the tower; a test of the cache names its own folder in `extra`
         "--model.feature_cache",
         "null",
+        # in-batch negatives, as the tests were written (the default recipe's drift-gated bank has tests of
+        # its own); a test's --model.memory_bank JSON then starts from MemoryBankConfig's class defaults
+        "--model.memory_bank",
+        "null",
         *extra,
     ]
 

@@ -306,16 +306,18 @@ def test_auto_momentum_keys_follow_the_tower():
 
 
 def test_the_drift_gated_preset_is_the_measured_arm():
-    """MemoryBankConfig.drift_gated() is the bank the docs measure (tools/ablation.py's pt_gated_bank,
-    whose explicit qformer keys are what auto picks over its frozen tower); changes apply on top."""
+    """MemoryBankConfig.drift_gated() is the bank the docs measure (tools/ablation.py's pt_gated_bank_bf16,
+    whose explicit qformer keys and bfloat16 are what auto picks over its frozen tower on an AVX-512 BF16
+    CPU); changes apply on top."""
     import runpy
     from dataclasses import asdict
     from pathlib import Path
 
     from csmcir.losses import MemoryBankConfig
 
-    measured = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "ablation.py"))["_GATED"]
-    assert asdict(MemoryBankConfig.drift_gated()) == asdict(MemoryBankConfig(**{**measured, "momentum_keys": "auto"}))
+    measured = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "ablation.py"))["_GATED_BF16"]
+    auto = {**measured, "momentum_keys": "auto", "key_dtype": "auto"}
+    assert asdict(MemoryBankConfig.drift_gated()) == asdict(MemoryBankConfig(**auto))
     tweaked = MemoryBankConfig.drift_gated(key_dtype="bfloat16", capacity=1024)
     assert (tweaked.key_dtype, tweaked.capacity, tweaked.gate) == ("bfloat16", 1024, True)
 
@@ -523,6 +525,12 @@ def test_bfloat16_keys_match_float32_keys_and_train_through_the_cli(easy_bench, 
     torch.testing.assert_close(bf16.norm(dim=1), torch.ones(8))
     cos = (bf16 * fp32).sum(1)
     assert float((1 - cos).max()) < 1e-2 and not torch.equal(bf16, fp32)  # rounded, not recomputed in float32
+    # auto: bfloat16 where the CPU has the units, float32 elsewhere
+    from csmcir.losses.memory_bank import native_bfloat16
+
+    m.bank.key_dtype = "auto"
+    torch.testing.assert_close(m.bank.encode_keys(enc, "cpu"), bf16 if native_bfloat16("cpu") else fp32, rtol=0, atol=0)
+    assert not native_bfloat16("mps") and MemoryBank(4, key_dtype="auto").key_dtype == "auto"  # no momentum: nothing to do
     rows = _fit_with_bank(
         easy_bench,
         tmp_path,

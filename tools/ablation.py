@@ -4,8 +4,11 @@
     python tools/ablation.py --seeds 0 1 2 --variants symmetric asymmetric \
         --out docs/results/ablation_symmetric.json
 
-Each run is `csmcir fit --config configs/synthetic.yaml --seed_everything S <variant args>` into
-checkpoints/ablation/<variant>-s<S>, then `csmcir test` of its last.ckpt. Finished runs are
+Each run is `csmcir fit --config configs/synthetic.yaml --seed_everything S <IN_BATCH> <variant args>`
+into checkpoints/ablation/<variant>-s<S>, then `csmcir test` of its last.ckpt. IN_BATCH
+(`--model.memory_bank null --trainer.max_steps -1`) pins the in-batch, 7-epoch (819-step) recipe that
+every variant below was measured against; the default since 2026-12-04 adds the drift-gated memory
+bank at 705 steps (variant `readme_default`). Finished runs are
 reused, so a killed ablation continues where it stopped. Prints mean +- std (sample std over
 seeds) of test and held-out recall and of training throughput.
 """
@@ -18,7 +21,14 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+from csmcir.losses import MemoryBankConfig
+
+# before every variant's own arguments, so a variant's --model.memory_bank JSON starts from the
+# class defaults, not from the default recipe's bank
+IN_BATCH = ["--model.memory_bank", "null", "--trainer.max_steps", "-1"]
 
 VARIANTS = {
     # the README default (configs/synthetic.yaml: frozen EfficientNet-Lite0 + 128-wide Q-Former, 7 epochs)
@@ -273,6 +283,14 @@ VARIANTS["default_2x"] = [*VARIANTS["intent_task"], "--trainer.max_epochs", "14"
 # a step with validation). The default's share of 969 s is 1360 steps: 1350 (seed 0 on an empty cache of its own)
 VARIANTS["default_eq2x"] = [*VARIANTS["intent_task"], "--trainer.max_epochs", "12", "--trainer.max_steps", "1350"]
 VARIANTS["default_eq2x_cold"] = [*VARIANTS["default_eq2x"], "--model.feature_cache", "cache/cold_eq2x"]
+# the README default since 2026-12-04 (configs/synthetic.yaml as it is): the drift-gated bank, 705 steps
+VARIANTS["readme_default"] = [
+    *_CACHED,
+    "--model.memory_bank",
+    json.dumps(asdict(MemoryBankConfig.drift_gated())),
+    "--trainer.max_steps",
+    "705",
+]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 
 
@@ -301,7 +319,17 @@ def run_one(variant: str, seed: int, root: Path, config: str, extra: list[str], 
     if "test/R@1" not in m and not train:
         return None  # --report-only: a run that has not finished is left out
     if "test/R@1" not in m:
-        common = ["--config", config, "--seed_everything", str(seed), *VARIANTS[variant], *extra, "--trainer.enable_progress_bar", "false"]
+        common = [
+            "--config",
+            config,
+            "--seed_everything",
+            str(seed),
+            *IN_BATCH,
+            *VARIANTS[variant],
+            *extra,
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
         if not (run / "train_stats.json").is_file():
             resume = ["--ckpt_path", "last"] if (run / "last.ckpt").is_file() else []
             subprocess.run(["csmcir", "fit", *common, "--trainer.default_root_dir", str(run), *resume], check=True)

@@ -4,7 +4,7 @@
     python tools/throughput.py --variants intent_task pt_gated_bank --steps 160 --repeats 2 \
         --runs checkpoints/throughput --out docs/results/throughput.json
 
-Each fit is `csmcir fit --config configs/synthetic.yaml <variant args> --trainer.max_steps STEPS
+Each fit is `csmcir fit --config configs/synthetic.yaml <IN_BATCH> <variant args> --trainer.max_steps STEPS
 --trainer.limit_val_batches 0` (no validation), and its samples/s is the one
 `train_stats.json` records. Repeats go variant by variant in turn, so a slow spell of the machine
 hits every variant. The first variant is the reference: the table gives each variant's cost per
@@ -24,14 +24,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = runpy.run_path(str(Path(__file__).with_name("ablation.py")))["VARIANTS"]
+_ABLATION = runpy.run_path(str(Path(__file__).with_name("ablation.py")))
+VARIANTS, IN_BATCH = _ABLATION["VARIANTS"], _ABLATION["IN_BATCH"]
 
 
 def fit_samples_per_s(variant: str, steps: int, run: Path, config: str) -> float:
     """Samples/s of one STEPS-step fit of ``variant`` into ``run`` (reused when it finished)."""
     stats = run / "train_stats.json"
     if not stats.is_file():
-        cmd = ["csmcir", "fit", "--config", config, *VARIANTS[variant], "--trainer.max_steps", str(steps)]
+        cmd = ["csmcir", "fit", "--config", config, *IN_BATCH, *VARIANTS[variant], "--trainer.max_steps", str(steps)]
         cmd += ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
         shutil.rmtree(run, ignore_errors=True)  # a killed fit is timed again from the start
         subprocess.run([*cmd, "--trainer.default_root_dir", str(run)], check=True)

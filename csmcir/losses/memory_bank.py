@@ -49,6 +49,7 @@ The bank never imports Lightning; the LightningModule gathers embeddings across 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -60,8 +61,22 @@ from ..errors import ConfigError
 # the bank term's own temperature stays in ALBEF's range (its learnable tau is clamped to [0.001, 0.5];
 # 0.01 is the main loss's clamp here)
 TEMPERATURE_BOUNDS = (0.01, 0.5)
-# the key pass's precision (``key_dtype``): name -> the autocast dtype (None: no autocast)
-KEY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+# the key pass's precision (``key_dtype``): name -> the autocast dtype (None: no autocast; "auto": bfloat16
+# where the device has bfloat16 units, see native_bfloat16)
+KEY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+@functools.cache
+def native_bfloat16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 natively: a CUDA GPU that supports it, or an x86
+    CPU with AVX-512 BF16 (elsewhere bfloat16 autocast is emulated and slower than float32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, so looked up with care
+        return bool(probe()) if callable(probe) else False
+    return False
+
 
 __all__ = ["MemoryBank", "MemoryBankConfig", "DriftGate", "bank_nce", "effective_rank"]
 
@@ -98,11 +113,12 @@ class MemoryBankConfig:
 
     @classmethod
     def drift_gated(cls, **changes) -> MemoryBankConfig:
-        """The drift-gated bank measured in docs/memory_bank.md (``pt_gated_bank`` in
-        tools/ablation.py), with ``changes`` applied: EMA keys (momentum 0.995, ``auto``), a bank
-        term of its own whose positives include same-id entries, gated and backed off by the
-        measured drift and rank (probed every 10 steps), temperature 0.07, 4096 entries of any age,
-        entropy selection down to a quarter of them per query."""
+        """The drift-gated bank measured in docs/memory_bank.md and used by the synthetic default
+        (``pt_gated_bank_bf16`` in tools/ablation.py), with ``changes`` applied: EMA keys (momentum
+        0.995, ``auto`` keys, the key pass in bfloat16 where the device has the units), a bank term
+        of its own whose positives include same-id entries, gated and backed off by the measured
+        drift and rank (probed every 10 steps), temperature 0.07, 4096 entries of any age, entropy
+        selection down to a quarter of them per query."""
         base = cls(
             capacity=4096,
             max_age=None,
@@ -114,6 +130,7 @@ class MemoryBankConfig:
             same_id_positive=True,
             duplicate_cos=0.95,
             temperature=0.07,
+            key_dtype="auto",
         )
         return replace(base, **changes)
 
@@ -283,8 +300,10 @@ class MemoryBank(nn.Module):
             trainer's autocast included) or ``"bfloat16"`` (autocast; the keys are stored in float32,
             L2-normalised again). The key pass is no-grad, so only the keys' rounding changes
             (tests/test_memory_bank.py bounds 1 - cos to the float32 key). It can only pay where the
-            device has bfloat16 units (GPUs, x86 CPUs with AVX-512 BF16 or AMX); on such a CPU the
-            whole step ran 3.5 % faster, inside the measurement's noise (docs/memory_bank.md).
+            device has bfloat16 units (GPUs, x86 CPUs with AVX-512 BF16); on such a CPU the
+            bank's cost a step fell from +17 to +11-14 % in the full fits (docs/memory_bank.md).
+            ``"auto"``: ``"bfloat16"`` where :func:`native_bfloat16` says the device has those
+            units, ``"float32"`` elsewhere.
     """
 
     def __init__(
@@ -315,7 +334,7 @@ class MemoryBank(nn.Module):
         super().__init__()
         if key_dtype not in KEY_DTYPES:
             raise ConfigError(f"memory bank key_dtype must be one of {sorted(KEY_DTYPES)}, got {key_dtype!r}")
-        if key_dtype != "float32" and momentum is None:
+        if key_dtype == "bfloat16" and momentum is None:
             raise ConfigError("memory bank key_dtype applies to momentum keys only (set momentum, e.g. 0.995)")
         self.key_dtype = key_dtype
         if anneal_from is not None and not 0 <= anneal_from < 1:
@@ -365,6 +384,8 @@ class MemoryBank(nn.Module):
         """``encode()`` (the key encoder's pass, a no-argument callable) under no grad at
         ``key_dtype``; the keys come back in float32, L2-normalised."""
         dtype = KEY_DTYPES[self.key_dtype]
+        if dtype == "auto":
+            dtype = torch.bfloat16 if native_bfloat16(device_type) else None
         if dtype is None:  # the precision the step runs at (under a mixed-precision trainer, its autocast)
             with torch.no_grad():
                 return encode()
