@@ -176,6 +176,8 @@ def test_help_lists_every_command(capsys):
 
 
 def test_test_command_scores_test_and_heldout_splits(easy_bench, trained, tmp_path):
+    # `trained` is an in-batch checkpoint and this command leaves the default's memory bank on: --ckpt_path
+    # reads the checkpoint's own hyper-parameters back, so a fit from before the bank default still tests
     run = tmp_path / "test"
     assert (
         main(

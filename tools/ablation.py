@@ -31,7 +31,7 @@ from csmcir.losses import MemoryBankConfig
 IN_BATCH = ["--model.memory_bank", "null", "--trainer.max_steps", "-1"]
 
 VARIANTS = {
-    # the README default (configs/synthetic.yaml: frozen EfficientNet-Lite0 + 128-wide Q-Former, 7 epochs)
+    # the README default with IN_BATCH (configs/synthetic.yaml in-batch: frozen EfficientNet-Lite0 + 128-wide Q-Former, 7 epochs)
     "symmetric": ["--data.target_text", "caption"],  # target = image + final MCoT caption
     "asymmetric": ["--data.target_text", "none"],  # target = image only (SPRC-style)
     "no_reference_negative": ["--data.reference_negative", "false"],
@@ -180,7 +180,7 @@ VARIANTS["fashion"] = ["--config", "configs/fashion.yaml", "--model.feature_cach
 VARIANTS["fashion_scratch"] = ["--config", "configs/fashion.yaml", "--model.net.model", "small", "--trainer.max_epochs", "5"]
 # the README's 15-minute budget: 12 epochs (1404 steps) with a cold cache
 VARIANTS["lite0_small_e12"] = VARIANTS["lite0_small"] + ["--trainer.max_epochs", "12"]
-# issue 22 in the pretrained regime (the README default: frozen Lite0 mbconv5 + cache + task prompt, 819 steps):
+# issue 22 in the pretrained regime (the README default until 2026-12-04: frozen Lite0 mbconv5 + cache + task prompt, 819 steps):
 # in-batch only is "intent_task"; the bank holds 4096 entries (32 steps of targets) in every arm
 _BANK_PT = {"capacity": 4096, "max_age": None, "half_life": None}
 _MOMENTUM_PT = {**_BANK_PT, "momentum": 0.995, "momentum_keys": "qformer"}  # ALBEF's momentum, EMA Q-Former keys
