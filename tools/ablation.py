@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from csmcir.lightning.cli import TRAINER_DEFAULTS
 from csmcir.losses import MemoryBankConfig
 
 # before every variant's own arguments, so a variant's --model.memory_bank JSON starts from the
@@ -289,7 +290,7 @@ VARIANTS["readme_default"] = [
     "--model.memory_bank",
     json.dumps(asdict(MemoryBankConfig.drift_gated())),
     "--trainer.max_steps",
-    "705",
+    str(TRAINER_DEFAULTS["max_steps"]),
 ]
 METRICS = ["test/R@1", "test/R@5", "test/R@10", "test/R@50", "test/heldout/R@1", "test/heldout/R@10"]
 

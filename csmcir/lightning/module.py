@@ -66,10 +66,11 @@ class CIRModule(L.LightningModule):
             EMA copy encode them (``momentum_keys: auto``, the default: only its Q-Former, on the
             step's own image features, while the vision tower is frozen; the whole tower when it
             trains); ``gate`` weights entries by the measured drift.
-            Off by default: banks of the trained model's own old targets collapse training; the
-            drift-gated bank (:meth:`~csmcir.losses.MemoryBankConfig.drift_gated`) costs 12 to 20 %
-            more a step and, at the in-batch default's wall clock over the frozen tower, wins test
-            R@1 on 5 of 5 seeds but held-out R@1 on 3 of 5 (docs/memory_bank.md).
+            Off here (the CLI's synthetic default turns on
+            :meth:`~csmcir.losses.MemoryBankConfig.drift_gated`): banks of the trained model's own
+            old targets collapse training; the drift-gated bank with bfloat16 keys costs about
+            9-10 % more a step and, at the in-batch recipe's wall clock over the frozen tower, wins
+            test R@1 on 5 of 5 seeds and held-out R@1 on 4 of 5 (docs/memory_bank.md).
         distill: ``null`` (default) or a :class:`~csmcir.losses.DistillConfig` (distillation from
             a CIR-CoT teacher, ``data.teacher``); the head is dropped at inference.
         intent: ``null`` (default) or an :class:`~csmcir.config.IntentConfig`: CIR-LVLM's task

@@ -301,7 +301,7 @@ class MemoryBank(nn.Module):
             L2-normalised again). The key pass is no-grad, so only the keys' rounding changes
             (tests/test_memory_bank.py bounds 1 - cos to the float32 key). It can only pay where the
             device has bfloat16 units (GPUs, x86 CPUs with AVX-512 BF16); on such a CPU the
-            bank's cost a step fell from +17 to +11-14 % in the full fits (docs/memory_bank.md).
+            bank's cost a step fell from +29.3 to +8.7 % in interleaved fits (docs/memory_bank.md).
             ``"auto"``: ``"bfloat16"`` where :func:`native_bfloat16` says the device has those
             units, ``"float32"`` elsewhere.
     """
