@@ -267,6 +267,13 @@ VARIANTS["scratch_momentum_bank"] = [
     json.dumps({**_MOMENTUM_PT, **_TOWER, "min_fraction": 1.0}),
 ]
 VARIANTS["scratch_gated_bank"] = [*VARIANTS["scratch"], "--model.memory_bank", json.dumps({**_GATED, **_TOWER})]
+# the synthetic default's bank (MemoryBankConfig.drift_gated(): key_dtype and momentum_keys "auto", so bfloat16
+# keys where the CPU has the units and EMA tower keys, because the tower trains) on the from-scratch recipe
+VARIANTS["scratch_default_bank"] = [
+    *VARIANTS["scratch"],
+    "--model.memory_bank",
+    json.dumps({**_GATED_BF16, "key_dtype": "auto", "momentum_keys": "auto"}),
+]
 VARIANTS["scratch_gated_k32"] = [*VARIANTS["scratch"], "--model.memory_bank", json.dumps({**_GATED_K32, **_TOWER})]
 VARIANTS["scratch_gated_k32_noentropy"] = [
     *VARIANTS["scratch"],
