@@ -37,21 +37,59 @@ import lightning as L
 from csmcir.lightning.cli import CsmcirCLI
 
 
+# the bank's own work, timed on its steps with --breakdown: name -> (class, method); nested ones are
+# also inside their callers (encode_keys and bias inside _bank_terms, _bank_drift and observe_rank in _enqueue)
+PARTS = {
+    "bank_terms": ("module", "_bank_terms"),
+    "key_pass": ("bank", "encode_keys"),
+    "selection": ("bank", "bias"),
+    "enqueue": ("module", "_enqueue"),
+    "drift_probe": ("module", "_bank_drift"),
+    "rank_probe": ("bank", "observe_rank"),
+    "ema_update": ("module", "update_ema"),
+}
+
+
+def time_parts(acc: dict[str, float]) -> None:
+    """Wrap the PARTS methods so that each adds its seconds to ``acc``."""
+    from csmcir.lightning.module import CIRModule
+    from csmcir.losses.memory_bank import MemoryBank
+
+    classes = {"module": CIRModule, "bank": MemoryBank}
+    for name, (owner, method) in PARTS.items():
+        f = getattr(classes[owner], method)
+
+        def timed(*args, _f=f, _name=name, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                acc[_name] = acc.get(_name, 0.0) + time.perf_counter() - t0
+
+        setattr(classes[owner], method, timed)
+
+
 class AlternateBank(L.Callback):
     """Times every step, and runs steps 4k+1 and 4k+2 with the module's bank and EMA encoder removed."""
 
-    def __init__(self):
+    def __init__(self, parts: dict[str, float] | None = None):
         self.times: list[tuple[int, bool, float]] = []  # (step, bank on, seconds)
+        self.parts = parts  # seconds of each part in the running step (time_parts), or None
+        self.part_times: list[dict[str, float]] = []  # per step with the bank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._on = trainer.global_step % 4 in (0, 3)
         if not self._on:
             self._saved = (pl_module.bank, pl_module.ema_model)
             pl_module.bank, pl_module.ema_model = None, None
+        if self.parts is not None:
+            self.parts.clear()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append((trainer.global_step - 1, self._on, time.perf_counter() - self._t))
+        if self.parts is not None and self._on:
+            self.part_times.append({"step": trainer.global_step - 1, **self.parts})
         if not self._on:
             pl_module.bank, pl_module.ema_model = self._saved
 
@@ -86,8 +124,12 @@ def summarise(times: list[tuple[int, bool, float]], skip: int, block: int) -> di
     }
 
 
-def run_fit(steps: int, root: str, config: str, extra: list[str]) -> list[tuple[int, bool, float]]:
-    timer = AlternateBank()
+def run_fit(steps: int, root: str, config: str, extra: list[str], breakdown: bool = False) -> AlternateBank:
+    parts: dict[str, float] | None = None
+    if breakdown:
+        parts = {}
+        time_parts(parts)
+    timer = AlternateBank(parts)
 
     class _CLI(CsmcirCLI):
         def instantiate_trainer(self, **kwargs):
@@ -103,7 +145,7 @@ def run_fit(steps: int, root: str, config: str, extra: list[str]) -> list[tuple[
         _CLI()
     finally:
         sys.argv = saved
-    return timer.times
+    return timer
 
 
 def main() -> int:
@@ -112,19 +154,28 @@ def main() -> int:
     p.add_argument("--skip", type=int, default=40, help="steps left out at the start (the bank fills after 32)")
     p.add_argument("--block", type=int, default=40, help="steps per block for the spread of the cost")
     p.add_argument("--config", default="configs/synthetic.yaml")
+    p.add_argument("--breakdown", action="store_true", help="also time the bank's parts on its steps (PARTS)")
     p.add_argument("--out", help="JSON file for the step times and the summary")
     p.add_argument("extra", nargs="*", help="after --: more `csmcir fit` arguments (e.g. another bank)")
     a = p.parse_args()
     if a.steps <= a.skip + 4:
         p.error(f"--steps ({a.steps}) must exceed --skip ({a.skip}) by more than one 4-step cycle")
     with tempfile.TemporaryDirectory() as root:
-        times = run_fit(a.steps, root, a.config, a.extra)
+        timer = run_fit(a.steps, root, a.config, a.extra, a.breakdown)
+    times = timer.times
     s = summarise(times, a.skip, a.block)
     print(
         f"bank on {s['steps_with_bank']} steps, off {s['steps_without']}: mean {s['mean_step_s_with'] * 1e3:.1f} against "
         f"{s['mean_step_s_without'] * 1e3:.1f} ms a step, cost {s['cost_mean']:+.1%} (median {s['cost_median']:+.1%}; "
         f"over {len(s['cost_per_block'])} blocks of {a.block} steps {s['cost_block_mean']:+.1%} ± {s['cost_block_std']:.1%})"
     )
+    if a.breakdown:
+        kept = [p for p in timer.part_times if p["step"] >= a.skip]
+        s["parts_ms_per_bank_step"] = {name: 1e3 * sum(p.get(name, 0.0) for p in kept) / len(kept) for name in PARTS}
+        extra_ms = 1e3 * (s["mean_step_s_with"] - s["mean_step_s_without"])
+        print(f"the bank's parts, ms per step with it (its whole extra: {extra_ms:.1f} ms):")
+        for name, (_, method) in PARTS.items():
+            print(f"  {name:12s} {method:14s} {s['parts_ms_per_bank_step'][name]:7.1f}")
     if a.out:
         out = {
             "command": " ".join(["python", "tools/bench_bank_paired.py", *sys.argv[1:]]),
