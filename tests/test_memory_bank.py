@@ -545,3 +545,33 @@ def test_bfloat16_keys_match_float32_keys_and_train_through_the_cli(easy_bench, 
         MemoryBank(4, key_dtype="bfloat16")
     with pytest.raises(ValueError, match="key_dtype must be one of"):
         MemoryBank(4, momentum=0.9, key_dtype="float16")
+
+
+def test_the_paired_cost_benchmark_removes_the_bank_on_alternate_steps_and_measures_its_cost():
+    """tools/bench_bank_paired.py (docs/memory_bank.md's cost figure): steps 4k+1 and 4k+2 run with the
+    module's bank and EMA encoder removed and get them back afterwards, and the cost is the ratio of the
+    mean step times over the steps after the warm-up."""
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bench_bank_paired.py"))
+    bank, ema = object(), object()
+    module = SimpleNamespace(bank=bank, ema_model=ema)
+    timer, trainer = bench["AlternateBank"](), SimpleNamespace(global_step=0)
+    seen = []
+    for step in range(8):
+        trainer.global_step = step
+        timer.on_train_batch_start(trainer, module, None, step)
+        seen.append(module.bank is bank and module.ema_model is ema)
+        trainer.global_step = step + 1
+        timer.on_train_batch_end(trainer, module, None, None, step)
+        assert module.bank is bank and module.ema_model is ema
+    assert seen == [True, False, False, True] * 2
+    assert [s for s, on, _ in timer.times] == list(range(8))
+    # bank steps take 1.2 s, the others 1.0 s; steps before skip (slow, 5 s) are left out
+    times = [(s, s % 4 in (0, 3), 5.0 if s < 8 else (1.2 if s % 4 in (0, 3) else 1.0)) for s in range(48)]
+    summary = bench["summarise"](times, skip=8, block=20)
+    assert summary["steps_with_bank"] == summary["steps_without"] == 20
+    assert summary["cost_mean"] == pytest.approx(0.2) and summary["cost_median"] == pytest.approx(0.2)
+    assert summary["cost_per_block"] == pytest.approx([0.2, 0.2])

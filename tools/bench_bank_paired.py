@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,7 +36,6 @@ from pathlib import Path
 import lightning as L
 
 from csmcir.lightning.cli import CsmcirCLI
-
 
 # the bank's own work, timed on its steps with --breakdown: name -> (class, method); nested ones are
 # also inside their callers (encode_keys and bias inside _bank_terms, _bank_drift and observe_rank in _enqueue)
@@ -148,6 +148,17 @@ def run_fit(steps: int, root: str, config: str, extra: list[str], breakdown: boo
     return timer
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of the fit")
@@ -180,7 +191,7 @@ def main() -> int:
         out = {
             "command": " ".join(["python", "tools/bench_bank_paired.py", *sys.argv[1:]]),
             "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores",
             "summary": s,
             "step_times": [{"step": st, "bank": b, "s": round(t, 5)} for st, b, t in times],
         }
