@@ -69,7 +69,7 @@ class CIRModule(L.LightningModule):
             Off here (the CLI's synthetic default turns on
             :meth:`~csmcir.losses.MemoryBankConfig.drift_gated`): banks of the trained model's own
             old targets collapse training; the drift-gated bank with bfloat16 keys costs about
-            9-10 % more a step and, at the in-batch recipe's wall clock over the frozen tower, wins
+            14 % more a step and, at the in-batch recipe's wall clock over the frozen tower, wins
             test R@1 on 5 of 5 seeds and held-out R@1 on 4 of 5 (docs/memory_bank.md).
         distill: ``null`` (default) or a :class:`~csmcir.losses.DistillConfig` (distillation from
             a CIR-CoT teacher, ``data.teacher``); the head is dropped at inference.

@@ -301,7 +301,8 @@ class MemoryBank(nn.Module):
             L2-normalised again). The key pass is no-grad, so only the keys' rounding changes
             (tests/test_memory_bank.py bounds 1 - cos to the float32 key). It can only pay where the
             device has bfloat16 units (GPUs, x86 CPUs with AVX-512 BF16); on such a CPU the
-            bank's cost a step fell from +29.3 to +8.7 % in interleaved fits (docs/memory_bank.md).
+            bank's cost a step fell from about +29 % to +14 % (steps with and without the bank
+            alternating inside one fit, tools/bench_bank_paired.py; docs/memory_bank.md).
             ``"auto"``: ``"bfloat16"`` where :func:`native_bfloat16` says the device has those
             units, ``"float32"`` elsewhere.
     """
