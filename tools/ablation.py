@@ -274,6 +274,10 @@ VARIANTS["scratch_default_bank"] = [
     "--model.memory_bank",
     json.dumps({**_GATED_BF16, "key_dtype": "auto", "momentum_keys": "auto"}),
 ]
+# ... at equal wall clock with the in-batch 585 steps: steps with and without this bank alternating in one
+# from-scratch fit cost +17.9 % a step by the median (tools/bench_bank_paired.py, 2026-12-04, a CPU without
+# bfloat16 units, so float32 keys; EMA tower keys, a second vision pass), so 585 / 1.179 = 496 steps
+VARIANTS["scratch_default_bank_eqtime496"] = [*VARIANTS["scratch_default_bank"], "--trainer.max_steps", "496"]
 VARIANTS["scratch_gated_k32"] = [*VARIANTS["scratch"], "--model.memory_bank", json.dumps({**_GATED_K32, **_TOWER})]
 VARIANTS["scratch_gated_k32_noentropy"] = [
     *VARIANTS["scratch"],

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from pathlib import Path
 import lightning as L
 
 from csmcir.lightning.cli import CsmcirCLI
+from csmcir.losses.memory_bank import native_bfloat16
 
 # the bank's own work, timed on its steps with --breakdown: name -> (class, method); nested ones are
 # also inside their callers (encode_keys and bias inside _bank_terms, _bank_drift and observe_rank in _enqueue)
@@ -189,9 +191,11 @@ def main() -> int:
             print(f"  {name:12s} {method:14s} {s['parts_ms_per_bank_step'][name]:7.1f}")
     if a.out:
         out = {
-            "command": " ".join(["python", "tools/bench_bank_paired.py", *sys.argv[1:]]),
+            "command": shlex.join(["python", "tools/bench_bank_paired.py", *sys.argv[1:]]),
             "date": date.today().isoformat(),
             "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+            # key_dtype auto runs the key pass in bfloat16 only where the CPU has the units (else float32)
+            "cpu_bfloat16_units": native_bfloat16("cpu"),
             "summary": s,
             "step_times": [{"step": st, "bank": b, "s": round(t, 5)} for st, b, t in times],
         }
