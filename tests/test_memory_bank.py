@@ -575,3 +575,35 @@ def test_the_paired_cost_benchmark_removes_the_bank_on_alternate_steps_and_measu
     assert summary["steps_with_bank"] == summary["steps_without"] == 20
     assert summary["cost_mean"] == pytest.approx(0.2) and summary["cost_median"] == pytest.approx(0.2)
     assert summary["cost_per_block"] == pytest.approx([0.2, 0.2])
+
+
+def test_bench_key_pass_times_each_dtype_and_key_count_and_restores_the_bank():
+    """tools/bench_key_pass.py (docs/memory_bank.md's key-pass table): at step ``at`` it calls the
+    module's own key pass on the first N targets at each key dtype, puts the bank's dtype back and
+    stops the fit; other steps are left alone."""
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bench_key_pass.py"))
+    calls = []
+    bank = SimpleNamespace(key_dtype="auto")
+
+    def ema_keys(ids, mask, pixels, features=None):
+        calls.append((bank.key_dtype, ids.shape[0], mask.shape[0], pixels.shape[0], features.shape[0]))
+        return features
+
+    module = SimpleNamespace(bank=bank, ema_model=object(), model=SimpleNamespace(encode_image=lambda x: x), _ema_keys=ema_keys)
+    batch = SimpleNamespace(target=torch.zeros(16, 3, 2), caption_ids=torch.zeros(16, 5), caption_mask=torch.ones(16, 5))
+    timer = bench["TimeKeyPass"](at=3, keys=[16, 4, 64], dtypes=["float32", "bfloat16"], repeats=2)
+    trainer = SimpleNamespace(global_step=2, should_stop=False)
+    timer.on_train_batch_start(trainer, module, batch, 0)
+    assert calls == [] and not trainer.should_stop
+    trainer.global_step = 3
+    timer.on_train_batch_start(trainer, module, batch, 0)
+    assert trainer.should_stop and bank.key_dtype == "auto"
+    # two untimed calls and two timed ones per (dtype, keys); more keys than the batch holds are capped at it
+    expected = [(d, n, n, n, n) for d in ("float32", "bfloat16") for n in (16, 4, 16) for _ in range(4)]
+    assert calls == expected
+    assert [(r["key_dtype"], r["keys"]) for r in timer.results] == [(d, n) for d in ("float32", "bfloat16") for n in (16, 4, 16)]
+    assert all(r["median_ms"] >= 0 for r in timer.results)
