@@ -132,11 +132,18 @@ def run_fit(steps: int, root: str, config: str, extra: list[str], breakdown: boo
         parts = {}
         time_parts(parts)
     timer = AlternateBank(parts)
+    fit_with_callback(timer, steps, root, config, extra)
+    return timer
+
+
+def fit_with_callback(callback: L.Callback, steps: int, root: str, config: str, extra: list[str]) -> None:
+    """`csmcir fit --config CONFIG EXTRA` for ``steps`` steps into ``root``, without validation or a
+    progress bar, with ``callback`` added to the trainer (also used by tools/bench_key_pass.py)."""
 
     class _CLI(CsmcirCLI):
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.append(timer)
+            trainer.callbacks.append(callback)
             return trainer
 
     args = ["fit", "--config", config, *extra, "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0"]
@@ -147,7 +154,17 @@ def run_fit(steps: int, root: str, config: str, extra: list[str], breakdown: boo
         _CLI()
     finally:
         sys.argv = saved
-    return timer
+
+
+def provenance(tool: str) -> dict:
+    """The command line, date and machine a benchmark JSON records (``tool``: the script's path)."""
+    return {
+        "command": shlex.join(["python", tool, *sys.argv[1:]]),
+        "date": date.today().isoformat(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        # key_dtype auto runs the key pass in bfloat16 only where the CPU has the units (else float32)
+        "cpu_bfloat16_units": native_bfloat16("cpu"),
+    }
 
 
 def cpu_name() -> str:
@@ -191,11 +208,7 @@ def main() -> int:
             print(f"  {name:12s} {method:14s} {s['parts_ms_per_bank_step'][name]:7.1f}")
     if a.out:
         out = {
-            "command": shlex.join(["python", "tools/bench_bank_paired.py", *sys.argv[1:]]),
-            "date": date.today().isoformat(),
-            "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-            # key_dtype auto runs the key pass in bfloat16 only where the CPU has the units (else float32)
-            "cpu_bfloat16_units": native_bfloat16("cpu"),
+            **provenance("tools/bench_bank_paired.py"),
             "summary": s,
             "step_times": [{"step": st, "bank": b, "s": round(t, 5)} for st, b, t in times],
         }

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import lightning as L
 
-from csmcir.lightning.cli import CsmcirCLI
-from csmcir.losses.memory_bank import native_bfloat16
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bank_paired import cpu_name  # noqa: E402
+from bench_bank_paired import fit_with_callback, provenance  # noqa: E402
 
 
 class TimeKeyPass(L.Callback):
@@ -84,32 +78,12 @@ def main() -> int:
     a = p.parse_args()
     timer = TimeKeyPass(a.at, a.keys, a.dtypes, a.repeats)
 
-    class _CLI(CsmcirCLI):
-        def instantiate_trainer(self, **kwargs):
-            trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.append(timer)
-            return trainer
-
     with tempfile.TemporaryDirectory() as root:
-        args = ["fit", "--config", a.config, *a.extra, "--trainer.max_steps", str(a.at + 1)]
-        args += ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
-        args += ["--trainer.default_root_dir", root]
-        saved = sys.argv
-        sys.argv = [saved[0], *args]
-        try:
-            _CLI()
-        finally:
-            sys.argv = saved
+        fit_with_callback(timer, a.at + 1, root, a.config, a.extra)
     if not timer.results:
         raise SystemExit(f"error: the fit ended before step {a.at}; give a smaller --at")
     if a.out:
-        out = {
-            "command": shlex.join(["python", "tools/bench_key_pass.py", *sys.argv[1:]]),
-            "date": date.today().isoformat(),
-            "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-            "cpu_bfloat16_units": native_bfloat16("cpu"),
-            "results": timer.results,
-        }
+        out = {**provenance("tools/bench_key_pass.py"), "results": timer.results}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0
