@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from csmcir.losses import MemoryBank, info_nce
+from csmcir.losses.memory_bank import effective_rank
 from csmcir.models import NetworkSpec
 
 TINY = NetworkSpec(model="tiny")
@@ -444,6 +445,37 @@ def test_a_forced_collapse_empties_the_bank_and_backs_off():
     assert not b.observe_rank(collapsed, step=12)[1] and float(b.gate.rank_best) < 1.5
 
 
+def test_a_rank_fall_before_the_bank_acts_is_no_back_off():
+    """From random weights the targets' rank falls in the first steps whatever the bank does; while
+    queries keep no entry (the duplicate guard drops them) that fall must not back the bank off,
+    and the reference rank starts only once the bank acts."""
+    torch.manual_seed(0)
+    b = MemoryBank(
+        8, capacity=64, max_age=None, half_life=None, min_fraction=1.0, momentum=0.99, gate=True, rank_floor=0.5, backoff_steps=10
+    )
+    b.gate.observe_drift(torch.tensor([0.0]), torch.tensor([1]))
+    healthy = F.normalize(torch.randn(32, 8), dim=1)
+    narrow = F.normalize(torch.ones(32, 8) + 0.15 * torch.randn(32, 8), dim=1)  # pulled together
+    b.enqueue(healthy, torch.arange(32), step=0)
+    assert b.gate_weight(1) > 0
+    assert not b.observe_rank(healthy, step=1, kept=0.01)[1]
+    rank, backed = b.observe_rank(narrow, step=2, kept=0.01)
+    assert rank < 0.5 * effective_rank(healthy) and not backed and len(b) == 32 and float(b.gate.rank_best) == 0
+    # acting from here: the narrow rank is the reference, and a later fall below half of it backs off
+    assert not b.observe_rank(narrow, step=3, kept=5.0)[1] and float(b.gate.rank_best) == pytest.approx(rank)
+    collapsed = F.normalize(torch.ones(32, 8) + 1e-4 * torch.randn(32, 8), dim=1)
+    assert effective_rank(collapsed) < 0.5 * rank
+    assert b.observe_rank(collapsed, step=4, kept=5.0)[1] and len(b) == 0
+    # the same fall with the bank acting all along (kept=None: the gate alone) backs off at once
+    b2 = MemoryBank(
+        8, capacity=64, max_age=None, half_life=None, min_fraction=1.0, momentum=0.99, gate=True, rank_floor=0.5, backoff_steps=10
+    )
+    b2.gate.observe_drift(torch.tensor([0.0]), torch.tensor([1]))
+    b2.enqueue(healthy, torch.arange(32), step=0)
+    b2.observe_rank(healthy, step=1)
+    assert b2.observe_rank(narrow, step=2)[1]
+
+
 def test_the_gate_state_round_trips_and_config_errors_are_one_line():
     b = _gated(temperature=0.07)
     b.gate.observe_drift(torch.tensor([0.02]), torch.tensor([10]))
@@ -575,6 +607,19 @@ def test_the_paired_cost_benchmark_removes_the_bank_on_alternate_steps_and_measu
     assert summary["steps_with_bank"] == summary["steps_without"] == 20
     assert summary["cost_mean"] == pytest.approx(0.2) and summary["cost_median"] == pytest.approx(0.2)
     assert summary["cost_per_block"] == pytest.approx([0.2, 0.2])
+    # --breakdown: the parts over the bank's steps, the stages over both kinds; Lightning runs forward
+    # and backward inside optimizer_step, so its own share is what is left of it
+    rows = [
+        {"step": s, "bank": s % 4 in (0, 3), "key_pass": 0.03, "forward": 0.3, "backward": 0.5, "optimizer": 0.9}
+        if s % 4 in (0, 3)
+        else {"step": s, "bank": False, "forward": 0.2, "backward": 0.4, "optimizer": 0.65}
+        for s in range(12)
+    ]
+    parts = bench["summarise_parts"](rows, skip=4)
+    assert parts["parts_ms_per_bank_step"]["key_pass"] == pytest.approx(30.0)
+    assert parts["parts_ms_per_bank_step"]["selection"] == 0.0
+    assert parts["stages_ms_with_bank"] == pytest.approx({"forward": 300.0, "backward": 500.0, "optimizer": 100.0})
+    assert parts["stages_ms_without"] == pytest.approx({"forward": 200.0, "backward": 400.0, "optimizer": 50.0})
 
 
 def test_bench_key_pass_times_each_dtype_and_key_count_and_restores_the_bank():

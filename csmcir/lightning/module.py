@@ -285,7 +285,8 @@ class CIRModule(L.LightningModule):
         # a copy: the enqueue after the loss writes the buffer before backward needs it
         extra = self.bank.emb.clone()
         extra_bias = self.bank.bias(q[:nk], scale, all_targets, step, batch_logits, key=key, positive=positive, same=same)
-        self.log("train/bank_kept", torch.isfinite(extra_bias).float().sum(1).mean(), batch_size=bs)
+        self._bank_kept = torch.isfinite(extra_bias).float().sum(1).mean()
+        self.log("train/bank_kept", self._bank_kept, batch_size=bs)
         return extra, extra_bias, key, positive
 
     def _enqueue(self, t, target_rows, local_rows, key, gathered: bool, bs: int) -> None:
@@ -304,7 +305,9 @@ class CIRModule(L.LightningModule):
         if self.bank.gate is not None:
             # the trained model's targets, every rank's (so every rank takes the same decision)
             all_t = t.detach() if gathered or self.trainer.world_size == 1 else self.all_gather(t.detach()).flatten(0, 1)
-            rank, backed_off = self.bank.observe_rank(all_t, step)
+            # the bank acts once queries keep entries: every rank's mean, so the decision is shared
+            kept = self._bank_kept if self.trainer.world_size == 1 else self.all_gather(self._bank_kept).mean()
+            rank, backed_off = self.bank.observe_rank(all_t, step, kept=float(kept))
             self.log("train/erank", rank, batch_size=bs)
             self.log("train/bank_backoff", float(self.bank.gate.backing_off(step) or backed_off), batch_size=bs)
             if backed_off:
@@ -312,7 +315,7 @@ class CIRModule(L.LightningModule):
 
                 rank_zero_warn(
                     f"step {step}: the targets' effective rank fell to {rank:.1f}, below {self.bank.gate.rank_floor:.0%} of its "
-                    f"best since the memory bank switched on: the bank is emptied and off for {self.bank.gate.backoff_steps} steps"
+                    f"best since the memory bank started acting: the bank is emptied and off for {self.bank.gate.backoff_steps} steps"
                 )
         self.bank.enqueue(bank_t, bank_rows, step)
 

@@ -40,8 +40,11 @@ Rule (``docs/memory_bank.md`` will carry the measurements; this is the definitio
   entry closer than ``duplicate_cos`` to the query's own key is no negative (an unlisted duplicate),
   and the bank has its own learnable temperature (``temperature``, clamped to [0.01, 0.5]).
 * **Back-off**: with the gate, the effective rank of each step's target embeddings is measured; if
-  it falls below ``rank_floor`` times its best since the bank switched on, the bank empties, its
-  term is off for ``backoff_steps`` steps, and the module logs ``train/bank_backoff``.
+  it falls below ``rank_floor`` times its best since the bank started acting, the bank empties, its
+  term is off for ``backoff_steps`` steps, and the module logs ``train/bank_backoff``. The bank
+  acts once its gate is open AND a query keeps at least ``ACTING_KEPT`` entry on average: from
+  random weights the targets' rank falls in the first steps whatever the bank does, while the
+  duplicate guard still drops nearly every entry, and that fall is no reason to back off.
 
 The bank never imports Lightning; the LightningModule gathers embeddings across ranks before
 :meth:`MemoryBank.enqueue`, so every rank holds the same bank.
@@ -64,6 +67,11 @@ TEMPERATURE_BOUNDS = (0.01, 0.5)
 # the key pass's precision (``key_dtype``): name -> the autocast dtype (None: no autocast; "auto": bfloat16
 # where the device has bfloat16 units, see native_bfloat16)
 KEY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+# mean entries a query keeps (over every rank's queries) from which the bank counts as acting, and
+# the back-off's reference rank starts (before it, the duplicate guard still drops nearly every entry)
+ACTING_KEPT = 1.0
 
 
 @functools.cache
@@ -176,7 +184,7 @@ class DriftGate(nn.Module):
     """The bank's measured-drift state (see the module docstring); buffers, so it checkpoints.
 
     ``rate`` < 0 means no drift measured yet (the bank is off); ``odometer`` is the accumulated
-    drift ``D``; ``rank_best`` the best effective rank since the bank switched on (0: not on yet);
+    drift ``D``; ``rank_best`` the best effective rank since the bank started acting (0: not yet);
     ``backoff_until`` the step before which the bank stays off after a back-off.
     """
 
@@ -235,8 +243,9 @@ class DriftGate(nn.Module):
 
     @torch.no_grad()
     def observe_rank(self, rank: float, step: int, bank_on: bool) -> bool:
-        """Record this step's effective rank; returns True when it starts a back-off (the rank
-        fell below ``rank_floor`` times its best since the bank switched on)."""
+        """Record this step's effective rank while the bank acts (``bank_on``); returns True when it
+        starts a back-off (the rank fell below ``rank_floor`` times its best since the bank started
+        acting)."""
         if not bank_on or self.backing_off(step):
             return False
         best = max(float(self.rank_best), rank)
@@ -471,14 +480,17 @@ class MemoryBank(nn.Module):
         return float(lw.exp().sum()) / self.capacity
 
     @torch.no_grad()
-    def observe_rank(self, emb: torch.Tensor, step: int) -> tuple[float, bool]:
+    def observe_rank(self, emb: torch.Tensor, step: int, kept: float | None = None) -> tuple[float, bool]:
         """With the gate: the effective rank of this step's target embeddings ``emb``; a fall below
-        ``rank_floor`` times its best since the bank switched on empties the bank and starts a
-        back-off. Returns ``(rank, backed_off_now)``."""
+        ``rank_floor`` times its best since the bank started acting empties the bank and starts a
+        back-off. ``kept``: the mean entries a query kept this step, over every rank's queries (so
+        every rank decides alike); below ``ACTING_KEPT`` the bank has not acted yet and the rank is
+        not recorded. ``None``: acting whenever the gate is open. Returns ``(rank, backed_off_now)``."""
         rank = effective_rank(emb)
         if self.gate is None:
             return rank, False
-        started = self.gate.observe_rank(rank, step, bank_on=self.gate_weight(step) > 0)
+        acting = self.gate_weight(step) > 0 and (kept is None or kept >= ACTING_KEPT)
+        started = self.gate.observe_rank(rank, step, bank_on=acting)
         if started:
             self.ids.fill_(-1)
         return rank, started
