@@ -51,14 +51,22 @@ PARTS = {
     "ema_update": ("module", "update_ema"),
 }
 
+# the step's stages, timed on every step with --breakdown (with and without the bank): Lightning runs
+# training_step and backward inside optimizer_step's closure, so "optimizer" is reported less the two
+STAGES = {
+    "forward": ("module", "training_step"),
+    "backward": ("module", "backward"),
+    "optimizer": ("module", "optimizer_step"),
+}
 
-def time_parts(acc: dict[str, float]) -> None:
-    """Wrap the PARTS methods so that each adds its seconds to ``acc``."""
+
+def time_parts(acc: dict[str, float], parts: dict[str, tuple[str, str]] | None = None) -> None:
+    """Wrap the methods of ``parts`` (default PARTS and STAGES) so that each adds its seconds to ``acc``."""
     from csmcir.lightning.module import CIRModule
     from csmcir.losses.memory_bank import MemoryBank
 
     classes = {"module": CIRModule, "bank": MemoryBank}
-    for name, (owner, method) in PARTS.items():
+    for name, (owner, method) in (parts or {**PARTS, **STAGES}).items():
         f = getattr(classes[owner], method)
 
         def timed(*args, _f=f, _name=name, **kwargs):
@@ -77,7 +85,7 @@ class AlternateBank(L.Callback):
     def __init__(self, parts: dict[str, float] | None = None):
         self.times: list[tuple[int, bool, float]] = []  # (step, bank on, seconds)
         self.parts = parts  # seconds of each part in the running step (time_parts), or None
-        self.part_times: list[dict[str, float]] = []  # per step with the bank
+        self.part_times: list[dict] = []  # per step: its number, whether the bank ran, seconds per part
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._on = trainer.global_step % 4 in (0, 3)
@@ -90,8 +98,8 @@ class AlternateBank(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append((trainer.global_step - 1, self._on, time.perf_counter() - self._t))
-        if self.parts is not None and self._on:
-            self.part_times.append({"step": trainer.global_step - 1, **self.parts})
+        if self.parts is not None:
+            self.part_times.append({"step": trainer.global_step - 1, "bank": self._on, **self.parts})
         if not self._on:
             pl_module.bank, pl_module.ema_model = self._saved
 
@@ -123,6 +131,27 @@ def summarise(times: list[tuple[int, bool, float]], skip: int, block: int) -> di
         "cost_per_block": blocks,
         "cost_block_mean": statistics.mean(blocks),
         "cost_block_std": statistics.stdev(blocks) if len(blocks) > 1 else 0.0,
+    }
+
+
+def summarise_parts(part_times: list[dict], skip: int) -> dict:
+    """Mean ms per step of each PARTS method over the steps with the bank, and of each stage
+    (STAGES; "optimizer" less forward and backward) over the steps with and without it, from ``skip`` on."""
+
+    def mean_ms(rows: list[dict], name: str) -> float:
+        return 1e3 * sum(r.get(name, 0.0) for r in rows) / max(len(rows), 1)
+
+    def stages(rows: list[dict]) -> dict[str, float]:
+        ms = {name: mean_ms(rows, name) for name in STAGES}
+        ms["optimizer"] -= ms["forward"] + ms["backward"]
+        return ms
+
+    on = [p for p in part_times if p["step"] >= skip and p["bank"]]
+    off = [p for p in part_times if p["step"] >= skip and not p["bank"]]
+    return {
+        "parts_ms_per_bank_step": {name: mean_ms(on, name) for name in PARTS},
+        "stages_ms_with_bank": stages(on),
+        "stages_ms_without": stages(off),
     }
 
 
@@ -200,12 +229,15 @@ def main() -> int:
         f"over {len(s['cost_per_block'])} blocks of {a.block} steps {s['cost_block_mean']:+.1%} ± {s['cost_block_std']:.1%})"
     )
     if a.breakdown:
-        kept = [p for p in timer.part_times if p["step"] >= a.skip]
-        s["parts_ms_per_bank_step"] = {name: 1e3 * sum(p.get(name, 0.0) for p in kept) / len(kept) for name in PARTS}
+        s.update(summarise_parts(timer.part_times, a.skip))
         extra_ms = 1e3 * (s["mean_step_s_with"] - s["mean_step_s_without"])
         print(f"the bank's parts, ms per step with it (its whole extra: {extra_ms:.1f} ms):")
         for name, (_, method) in PARTS.items():
             print(f"  {name:12s} {method:14s} {s['parts_ms_per_bank_step'][name]:7.1f}")
+        print("the step's stages, ms per step: with the bank / without / difference")
+        for name in STAGES:
+            on, off = s["stages_ms_with_bank"][name], s["stages_ms_without"][name]
+            print(f"  {name:12s} {on:7.1f} {off:7.1f} {on - off:+7.1f}")
     if a.out:
         out = {
             **provenance("tools/bench_bank_paired.py"),
