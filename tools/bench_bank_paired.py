@@ -53,11 +53,7 @@ PARTS = {
 
 # the step's stages, timed on every step with --breakdown (with and without the bank): Lightning runs
 # training_step and backward inside optimizer_step's closure, so "optimizer" is reported less the two
-STAGES = {
-    "forward": ("module", "training_step"),
-    "backward": ("module", "backward"),
-    "optimizer": ("module", "optimizer_step"),
-}
+STAGES = {"forward": ("module", "training_step"), "backward": ("module", "backward"), "optimizer": ("module", "optimizer_step")}
 
 
 def time_parts(acc: dict[str, float], parts: dict[str, tuple[str, str]] | None = None) -> None:

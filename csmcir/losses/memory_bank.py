@@ -545,7 +545,7 @@ class MemoryBank(nn.Module):
             excluded = excluded | same
             if self.duplicate_cos is not None and key is not None:
                 excluded = excluded | (key.detach().to(self.emb.dtype) @ self.emb.t() > self.duplicate_cos)
-            bias[excluded.expand(b, -1)] = float("-inf")
+            bias.masked_fill_(excluded, float("-inf"))
             if self.same_id_positive:
                 pos = self.positives(all_targets, step, same) if positive is None else positive
                 return torch.where(pos, lw.expand(b, -1), self._select(bias, sims, batch_logits))
@@ -559,9 +559,10 @@ class MemoryBank(nn.Module):
             logits = sims + bias
             full = logits if batch_logits is None else torch.cat([batch_logits.detach(), logits], 1)
             p = torch.softmax(full, dim=1)
-            n = torch.isfinite(full).sum(1).clamp(min=2).to(p.dtype)
+            # entries are finite or -inf (masked): "> -inf" counts them in one pass (isfinite takes three)
+            n = (full > float("-inf")).sum(1).clamp(min=2).to(p.dtype)
             h = -(p * torch.log(p.clamp_min(1e-30))).sum(1) / torch.log(n)
-            n_bank = torch.isfinite(logits).sum(1)
+            n_bank = (logits > float("-inf")).sum(1)
             k = torch.ceil(n_bank * (self.min_fraction + (1 - self.min_fraction) * h.clamp(0, 1))).long()
             # keep each query's k hardest: everything below its k-th largest logit goes (a sort of
             # the values and a gather; ranking every entry by argsort + scatter cost twice as much)
@@ -570,7 +571,7 @@ class MemoryBank(nn.Module):
                 # the same quantile in evenly spaced slots (every age of the ring): k_s / n_s = k / n
                 cols = torch.linspace(0, m - 1, self.select_sample, device=logits.device).round().long()
                 sample = logits[:, cols]
-                n_s = torch.isfinite(sample).sum(1)
+                n_s = (sample > float("-inf")).sum(1)
                 k = torch.ceil(n_s * k / n_bank.clamp(min=1)).long()
                 logits_k = sample
             else:
