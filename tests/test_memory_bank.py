@@ -307,7 +307,7 @@ def test_auto_momentum_keys_follow_the_tower():
 
 
 def test_the_drift_gated_preset_is_the_measured_arm():
-    """MemoryBankConfig.drift_gated() is the bank the docs measure (tools/ablation.py's pt_gated_bank_bf16,
+    """MemoryBankConfig.drift_gated() is the bank the docs measure (tools/ablation.py's pt_gated_bank_bf16_k64,
     whose explicit qformer keys and bfloat16 are what auto picks over its frozen tower on an AVX-512 BF16
     CPU); changes apply on top."""
     import runpy
@@ -316,7 +316,7 @@ def test_the_drift_gated_preset_is_the_measured_arm():
 
     from csmcir.losses import MemoryBankConfig
 
-    measured = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "ablation.py"))["_GATED_BF16"]
+    measured = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "ablation.py"))["_GATED_BF16_K64"]
     auto = {**measured, "momentum_keys": "auto", "key_dtype": "auto"}
     assert asdict(MemoryBankConfig.drift_gated()) == asdict(MemoryBankConfig(**auto))
     tweaked = MemoryBankConfig.drift_gated(key_dtype="bfloat16", capacity=1024)

@@ -8,7 +8,7 @@ Each run is `csmcir fit --config configs/synthetic.yaml --seed_everything S <IN_
 into checkpoints/ablation/<variant>-s<S>, then `csmcir test` of its last.ckpt. IN_BATCH
 (`--model.memory_bank null --trainer.max_steps -1`) pins the in-batch, 7-epoch (819-step) recipe that
 every variant below was measured against; the default since 2026-12-04 adds the drift-gated memory
-bank at 705 steps (variant `readme_default`). Finished runs are
+bank (since 2026-12-06 with 64 keys a step, at 740 steps; variant `readme_default`). Finished runs are
 reused, so a killed ablation continues where it stopped. Prints mean +- std (sample std over
 seeds) of test and held-out recall and of training throughput.
 """
@@ -302,7 +302,8 @@ VARIANTS["default_2x"] = [*VARIANTS["intent_task"], "--trainer.max_epochs", "14"
 # a step with validation). The default's share of 969 s is 1360 steps: 1350 (seed 0 on an empty cache of its own)
 VARIANTS["default_eq2x"] = [*VARIANTS["intent_task"], "--trainer.max_epochs", "12", "--trainer.max_steps", "1350"]
 VARIANTS["default_eq2x_cold"] = [*VARIANTS["default_eq2x"], "--model.feature_cache", "cache/cold_eq2x"]
-# the README default since 2026-12-04 (configs/synthetic.yaml as it is): the drift-gated bank, 705 steps
+# the README default (configs/synthetic.yaml as it is): the drift-gated bank, since 2026-12-06 with 64 keys a step
+# at 740 steps (2026-12-04 to 12-06: every key, 705 steps)
 VARIANTS["readme_default"] = [
     *_CACHED,
     "--model.memory_bank",

@@ -18,12 +18,12 @@ from ..models import NetworkSpec
 from .callbacks import LastCheckpoint, TrainSpeed, ValidateShortFit
 from .module import CIRModule
 
-# 705 steps: the drift-gated memory bank's share of the in-batch recipe's 819-step (7-epoch) wall clock
-# (docs/memory_bank.md); `--model.memory_bank null --trainer.max_steps -1` is that in-batch recipe
+# 740 steps: the drift-gated memory bank's (64 keys a step) share of the in-batch recipe's 819-step (7-epoch)
+# wall clock (docs/memory_bank.md); `--model.memory_bank null --trainer.max_steps -1` is that in-batch recipe
 TRAINER_DEFAULTS = {
     "default_root_dir": "checkpoints/synthetic",
     "max_epochs": 7,
-    "max_steps": 705,
+    "max_steps": 740,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 25,
 }

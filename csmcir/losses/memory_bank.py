@@ -122,11 +122,12 @@ class MemoryBankConfig:
     @classmethod
     def drift_gated(cls, **changes) -> MemoryBankConfig:
         """The drift-gated bank measured in docs/memory_bank.md and used by the synthetic default
-        (``pt_gated_bank_bf16`` in tools/ablation.py), with ``changes`` applied: EMA keys (momentum
-        0.995, ``auto`` keys, the key pass in bfloat16 where the device has the units), a bank term
-        of its own whose positives include same-id entries, gated and backed off by the measured
-        drift and rank (probed every 10 steps), temperature 0.07, 4096 entries of any age, entropy
-        selection down to a quarter of them per query."""
+        (``pt_gated_bank_bf16_k64`` in tools/ablation.py), with ``changes`` applied: EMA keys (momentum
+        0.995, ``auto`` keys, the key pass in bfloat16 where the device has the units) of half of each
+        batch's targets (``keys_per_step`` 64: the other half's key pass would cost more than its
+        gain), a bank term of its own whose positives include same-id entries, gated and backed off
+        by the measured drift and rank (probed every 10 steps), temperature 0.07, 4096 entries of any
+        age, entropy selection down to a quarter of them per query."""
         base = cls(
             capacity=4096,
             max_age=None,
@@ -139,6 +140,7 @@ class MemoryBankConfig:
             duplicate_cos=0.95,
             temperature=0.07,
             key_dtype="auto",
+            keys_per_step=64,
         )
         return replace(base, **changes)
 
