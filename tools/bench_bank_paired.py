@@ -56,13 +56,13 @@ PARTS = {
 STAGES = {"forward": ("module", "training_step"), "backward": ("module", "backward"), "optimizer": ("module", "optimizer_step")}
 
 
-def time_parts(acc: dict[str, float], parts: dict[str, tuple[str, str]] | None = None) -> None:
-    """Wrap the methods of ``parts`` (default PARTS and STAGES) so that each adds its seconds to ``acc``."""
+def time_parts(acc: dict[str, float]) -> None:
+    """Wrap the PARTS and STAGES methods so that each adds its seconds to ``acc``."""
     from csmcir.lightning.module import CIRModule
     from csmcir.losses.memory_bank import MemoryBank
 
     classes = {"module": CIRModule, "bank": MemoryBank}
-    for name, (owner, method) in (parts or {**PARTS, **STAGES}).items():
+    for name, (owner, method) in {**PARTS, **STAGES}.items():
         f = getattr(classes[owner], method)
 
         def timed(*args, _f=f, _name=name, **kwargs):

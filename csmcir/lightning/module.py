@@ -232,19 +232,16 @@ class CIRModule(L.LightningModule):
         if key is not None:
             main_scale = self.loss.logit_scale.clamp(max=self.loss.max_log_scale)
             l_bank = bank_nce(q[:nk], key, extra, extra_bias, self.bank.scale_param(main_scale), positive)
-            logs = self._logs_now()
-            if logs:
-                self.log("train/loss_bank", l_bank, batch_size=nk)
+            self._log_step("train/loss_bank", l_bank, batch_size=nk)
             gate = self.bank.gate_weight(int(self.global_step))
-            if self.bank.gate is not None and logs:
-                self.log("train/bank_gate", gate, batch_size=bs)
-            if self.bank.logit_scale is not None and logs:
-                self.log("train/bank_temperature", float(1 / self.bank.scale_param(main_scale).detach().exp()), batch_size=bs)
+            if self.bank.gate is not None:
+                self._log_step("train/bank_gate", gate, batch_size=bs)
+            if self.bank.logit_scale is not None:
+                self._log_step("train/bank_temperature", lambda: float(1 / self.bank.scale_param(main_scale).detach().exp()), batch_size=bs)
             anneal = 1.0
             if self.bank.anneal_from is not None:  # the fit's own length (max_steps or epochs)
                 anneal = self.bank.anneal(int(self.global_step), max(1, int(self.trainer.estimated_stepping_batches)))
-                if logs:
-                    self.log("train/bank_anneal", anneal, batch_size=bs)
+                self._log_step("train/bank_anneal", anneal, batch_size=bs)
             loss = loss + self.bank.weight * gate * anneal * l_bank
         if self.bank is not None:
             self._enqueue(t, target_rows, local_rows[:nk], key, gathered, bs)
@@ -252,21 +249,21 @@ class CIRModule(L.LightningModule):
             loss = loss + self._distill_loss(q, t[offset : offset + bs] if gathered else t, b, bs)
         if self._intent_pull:
             pull = torch.stack(self._intent_pull).mean()
-            if self._logs_now():
-                self.log("train/loss_intent_pull", pull, batch_size=bs)
+            self._log_step("train/loss_intent_pull", pull, batch_size=bs)
             loss = loss + self.model.intent.cfg.key_weight * pull
         self.log("train/loss_nce", loss, prog_bar=True, batch_size=bs)
-        if self._logs_now():
-            self.log("train/temperature", self.loss.temperature, batch_size=bs)
+        self._log_step("train/temperature", self.loss.temperature, batch_size=bs)
         return loss
 
-    def _logs_now(self) -> bool:
-        """Whether the logger writes this training step (every ``trainer.log_every_n_steps``, and
-        the last). Per-step scalars are logged on those steps only: each ``self.log`` costs about
-        0.5 ms on a CPU (docs/memory_bank.md), and the other steps' values are overwritten unread.
-        The progress bar's loss and the probes' every-N-steps values are logged whenever made."""
+    def _log_step(self, name: str, value, force: bool = False, **kwargs) -> None:
+        """``self.log`` of a per-step training scalar, only on the steps the logger writes (every
+        ``trainer.log_every_n_steps``, and the last) or when ``force``d: each ``self.log`` costs
+        about 0.5 ms on a CPU (docs/memory_bank.md), and the other steps' values are overwritten
+        unread. ``value`` may be a callable, computed only when logged. The progress bar's loss
+        and the probes' every-N-steps values go through ``self.log`` whenever made."""
         connector = getattr(self._trainer, "_logger_connector", None)
-        return True if connector is None else bool(connector.should_update_logs)
+        if force or connector is None or connector.should_update_logs:
+            self.log(name, value() if callable(value) else value, **kwargs)
 
     def _bank_terms(self, b: TrainBatch, q, cand, mask, offset: int, target_features):
         """The bank's entries and per-query bias (:meth:`MemoryBank.bias`) and, with momentum
@@ -299,8 +296,7 @@ class CIRModule(L.LightningModule):
         extra = self.bank.emb.clone()
         extra_bias = self.bank.bias(q[:nk], scale, all_targets, step, batch_logits, key=key, positive=positive, same=same)
         self._bank_kept = (extra_bias > float("-inf")).float().sum(1).mean()
-        if self._logs_now():
-            self.log("train/bank_kept", self._bank_kept, batch_size=bs)
+        self._log_step("train/bank_kept", self._bank_kept, batch_size=bs)
         return extra, extra_bias, key, positive
 
     def _enqueue(self, t, target_rows, local_rows, key, gathered: bool, bs: int) -> None:
@@ -322,9 +318,8 @@ class CIRModule(L.LightningModule):
             # the bank acts once queries keep entries: every rank's mean, so the decision is shared
             kept = self._bank_kept if self.trainer.world_size == 1 else self.all_gather(self._bank_kept).mean()
             rank, backed_off = self.bank.observe_rank(all_t, step, kept=float(kept))
-            if self._logs_now() or backed_off:
-                self.log("train/erank", rank, batch_size=bs)
-                self.log("train/bank_backoff", float(self.bank.gate.backing_off(step) or backed_off), batch_size=bs)
+            self._log_step("train/erank", rank, force=backed_off, batch_size=bs)
+            self._log_step("train/bank_backoff", float(self.bank.gate.backing_off(step) or backed_off), force=backed_off, batch_size=bs)
             if backed_off:
                 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -352,9 +347,8 @@ class CIRModule(L.LightningModule):
             st = torch.cat([st, self.bank.emb[valid].detach()])
             tt = torch.cat([tt, images[self.bank.ids[valid].cpu()].to(tt.device)])
         total, terms = self.distill(q, st, b.teacher_query, tt)  # a ConfigError (one line) on wrong sizes
-        if self._logs_now():
-            for name, value in terms.items():
-                self.log(f"train/loss_distill_{name}", value, batch_size=bs)
+        for name, value in terms.items():
+            self._log_step(f"train/loss_distill_{name}", value, batch_size=bs)
         return total
 
     @torch.no_grad()
