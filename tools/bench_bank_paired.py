@@ -209,7 +209,11 @@ def main() -> int:
     p.add_argument("--skip", type=int, default=40, help="steps left out at the start (the bank fills after 32)")
     p.add_argument("--block", type=int, default=40, help="steps per block for the spread of the cost")
     p.add_argument("--config", default="configs/synthetic.yaml")
-    p.add_argument("--breakdown", action="store_true", help="also time the bank's parts on its steps (PARTS) and the step's forward, backward and optimizer stages on every step (STAGES)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the bank's parts on its steps (PARTS) and the step's forward, backward and optimizer stages on every step (STAGES)",
+    )
     p.add_argument("--out", help="JSON file for the step times and the summary")
     p.add_argument("extra", nargs="*", help="after --: more `csmcir fit` arguments (e.g. another bank)")
     a = p.parse_args()
